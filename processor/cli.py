@@ -1,0 +1,179 @@
+"""The `swarm-aggregator` command: run, demo, proxy, check-config."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+from . import __version__
+from .config import Config, load
+from .errors import ConfigError
+
+log = logging.getLogger("swarm_aggregator")
+
+EPILOG = """\
+Config: a TOML file (-c) and/or environment variables SWARM_AGG__SECTION__KEY, for example
+  SWARM_AGG__TRANSPORT__KIND=swergio SWARM_AGG__WINDOW__MODELS=20 swarm-aggregator run
+Without either, the defaults apply: ZeroMQ, SUB bound on tcp://127.0.0.1:5555 (logits and
+evolution in), PUB bound on tcp://127.0.0.1:5556 (actions and replies out), 20 models per
+window, lockstep, 5 s deadline, metrics on http://127.0.0.1:9464/metrics.
+"""
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _load(path: str | None) -> Config:
+    try:
+        return load(path)
+    except ConfigError as e:
+        print(f"swarm-aggregator: bad config: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+async def serve(cfg: Config) -> int:
+    """Run the worker on `cfg` until SIGINT or SIGTERM; 0 on a clean stop."""
+    from transports import create
+
+    from .metrics import Metrics, MetricsServer
+    from .worker import Worker
+
+    metrics = Metrics(max_models=cfg.metrics.max_models)
+    worker: Worker | None = None
+
+    def on_reject(reason: str, detail: str) -> None:
+        if worker is not None:
+            worker.reject(reason, detail)
+
+    transport = create(cfg, on_reject)
+    worker = Worker(cfg, transport, metrics)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    server = None
+    if cfg.metrics.port:
+        server = MetricsServer(metrics, cfg.metrics.host, cfg.metrics.port,
+                               lambda: bool(transport.ready)).start()
+    log.info("swarm-aggregator %s: %s metrics=%s", __version__, cfg.describe(),
+             f"http://{cfg.metrics.host}:{server.port}/metrics" if server else "off")
+    try:
+        await worker.run(stop)
+    finally:
+        if server is not None:
+            server.close()
+    log.info("stopped after %d actions", worker.published)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    cfg = _load(args.config)
+    _setup_logging(cfg.log.level)
+    try:
+        return asyncio.run(serve(cfg))
+    except ConfigError as e:
+        print(f"swarm-aggregator: bad config: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"swarm-aggregator: cannot start: {e}", file=sys.stderr)
+        return 1
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    cfg = _load(args.config)
+    print(f"ok: {cfg.describe()}")
+    return 0
+
+
+def cmd_proxy(args: argparse.Namespace) -> int:
+    import zmq
+
+    _setup_logging("INFO")
+    ctx = zmq.Context.instance()
+    xsub = ctx.socket(zmq.XSUB)
+    xpub = ctx.socket(zmq.XPUB)
+    xsub.bind(args.xsub)
+    xpub.bind(args.xpub)
+    log.info("proxy: publishers connect to %s, subscribers to %s",
+             xsub.getsockopt_string(zmq.LAST_ENDPOINT), xpub.getsockopt_string(zmq.LAST_ENDPOINT))
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop like Ctrl-C
+    try:
+        zmq.proxy(xsub, xpub)
+    except (KeyboardInterrupt, zmq.ContextTerminated):
+        pass
+    finally:
+        xsub.close(0)
+        xpub.close(0)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    _setup_logging("WARNING")
+    return run_demo(models=args.models, actions=args.actions, steps=args.steps,
+                    batch=args.batch, seed=args.seed, quiet=args.quiet)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="swarm-aggregator",
+        description="Aggregates the action logits of a swarm of RL policies into one action "
+                    "per environment step, over swergio, ZeroMQ or an in-process bus.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    r = sub.add_parser("run", help="run the worker until SIGINT/SIGTERM",
+                       description="Run the aggregation worker on the configured transport "
+                                   "until SIGINT or SIGTERM.",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    r.add_argument("-c", "--config", help="TOML config file (optional)")
+    r.set_defaults(func=cmd_run)
+
+    d = sub.add_parser("demo", help="the worker, simulated models and a toy environment",
+                       description="Start the worker, M simulated models of different skill "
+                                   "and a toy environment, over ZeroMQ on loopback; show "
+                                   "progress; end with the contribution leaderboard.")
+    d.add_argument("--models", type=int, default=8, help="simulated models M (default 8)")
+    d.add_argument("--actions", type=int, default=6, help="actions A (default 6)")
+    d.add_argument("--steps", type=int, default=0,
+                   help="stop after this many steps (default 0: until Ctrl-C)")
+    d.add_argument("--batch", type=int, default=1,
+                   help="environments stepping together, B (default 1)")
+    d.add_argument("--seed", type=int, default=0, help="seed of models and environment")
+    d.add_argument("--quiet", action="store_true", help="no live progress line")
+    d.set_defaults(func=cmd_demo)
+
+    x = sub.add_parser("proxy", help="ZeroMQ XSUB/XPUB proxy for many-to-many pipelines",
+                       description="Run ZeroMQ's XSUB/XPUB proxy: every publisher (models, "
+                                   "the worker's PUB) connects to --xsub, every subscriber "
+                                   "(the worker's SUB, the environment) to --xpub.")
+    x.add_argument("--xsub", default="tcp://127.0.0.1:5557",
+                   help="where publishers connect (default %(default)s)")
+    x.add_argument("--xpub", default="tcp://127.0.0.1:5558",
+                   help="where subscribers connect (default %(default)s)")
+    x.set_defaults(func=cmd_proxy)
+
+    c = sub.add_parser("check-config", help="validate a config file and print its summary",
+                       description="Load the config (file plus SWARM_AGG__* variables), "
+                                   "validate it, print a summary; exit 2 naming the bad key.")
+    c.add_argument("-c", "--config", help="TOML config file")
+    c.set_defaults(func=cmd_check_config)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,319 @@
+"""Configuration: one frozen dataclass tree built from defaults, a TOML file and the environment.
+
+Precedence, lowest first: the defaults below, the TOML file given with `-c`, then environment
+variables `SWARM_AGG__SECTION__KEY` (double underscores between levels, for example
+`SWARM_AGG__TRANSPORT__ZMQ__SUB=tcp://0.0.0.0:5555`). An environment value is read as a TOML
+value when it parses as one (`5`, `true`, `["ENV_ID","STEP"]`) and as a plain string otherwise.
+Any unknown key, wrong type or out-of-range value raises `ConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+ENV_PREFIX = "SWARM_AGG__"
+TRANSPORT_KINDS = ("zmq", "swergio", "memory")
+STRATEGIES = ("sum_probs",)
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+
+@dataclass(frozen=True)
+class ZmqConfig:
+    sub: str = "tcp://127.0.0.1:5555"
+    pub: str = "tcp://127.0.0.1:5556"
+    sub_bind: bool = True
+    pub_bind: bool = True
+    rcvhwm: int = 100_000  # messages queued per peer before ZeroMQ drops (counted by peers)
+    sndhwm: int = 100_000
+
+
+@dataclass(frozen=True)
+class SwergioConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    name: str = "aggregation"
+    header_length: int = 10
+    reconnect_min_s: float = 0.1
+    reconnect_max_s: float = 5.0
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    bus: str = "default"
+
+
+@dataclass(frozen=True)
+class TransportConfig:
+    kind: str = "zmq"
+    zmq: ZmqConfig = field(default_factory=ZmqConfig)
+    swergio: SwergioConfig = field(default_factory=SwergioConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+
+
+@dataclass(frozen=True)
+class TopicsConfig:
+    logits: str = "logits"
+    action: str = "action"
+    evolution: str = "evolution"
+
+
+@dataclass(frozen=True)
+class WindowConfig:
+    models: int = 20            # expected models per window; 0 = the models seen recently
+    model_ids: list[str] = field(default_factory=list)  # a fixed roster (overrides models)
+    key: list[str] = field(default_factory=list)  # step-key fields; [] = lockstep
+    timeout_ms: int = 5000      # deadline after a window's first message; 0 = wait forever
+    min_models: int = 1         # quorum for publishing a window at its deadline
+    max_open: int = 1024        # open windows at most; the oldest is closed first
+    recent_s: float = 10.0      # models = 0: a model counts while seen within this time
+    late_memory: int = 65536    # closed step keys remembered to recognise late messages
+
+
+@dataclass(frozen=True)
+class AggregateConfig:
+    strategy: str = "sum_probs"
+    deterministic: bool = False  # used when a message carries no DETERMINISTIC
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    host: str = "127.0.0.1"
+    port: int = 9464            # 0 = no metrics server
+    max_models: int = 100       # distinct model labels; the rest go under model="other"
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = "INFO"
+    rate_limit_s: float = 5.0   # at most one line per rejection reason in this interval
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    max_message_bytes: int = 16 * 1024 * 1024
+    max_actions: int = 100_000  # A, the action count of one logits row
+    max_batch: int = 4096       # B, the environments of one batched message
+
+
+@dataclass(frozen=True)
+class Config:
+    transport: TransportConfig = field(default_factory=TransportConfig)
+    topics: TopicsConfig = field(default_factory=TopicsConfig)
+    window: WindowConfig = field(default_factory=WindowConfig)
+    aggregate: AggregateConfig = field(default_factory=AggregateConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+
+    def expected_models(self) -> int:
+        """Models a window waits for: the roster's size, else `window.models` (0 = recent)."""
+        return len(self.window.model_ids) or self.window.models
+
+    def describe(self) -> str:
+        """One line for the start-up log: transport, addresses, window settings; no secrets."""
+        t = self.transport
+        if t.kind == "zmq":
+            where = (f"sub={t.zmq.sub} ({'bind' if t.zmq.sub_bind else 'connect'}) "
+                     f"pub={t.zmq.pub} ({'bind' if t.zmq.pub_bind else 'connect'})")
+        elif t.kind == "swergio":
+            where = f"server={t.swergio.host}:{t.swergio.port} name={t.swergio.name}"
+        else:
+            where = f"bus={t.memory.bus}"
+        w = self.window
+        expected = (f"roster={len(w.model_ids)}" if w.model_ids
+                    else f"models={w.models or 'recent'}")
+        return (f"transport={t.kind} {where} topics={self.topics.logits}/{self.topics.action}/"
+                f"{self.topics.evolution} window: {expected} key={w.key or 'lockstep'} "
+                f"timeout_ms={w.timeout_ms} min_models={w.min_models} max_open={w.max_open} "
+                f"strategy={self.aggregate.strategy}")
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Check (and lightly coerce) one leaf value against its annotated type."""
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(key, f"expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(key, f"expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(key, f"expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(key, f"expected a string, got {value!r}")
+    if typing.get_origin(tp) is list:
+        if not isinstance(value, list):
+            raise ConfigError(key, f"expected a list of strings, got {value!r}")
+        out = []
+        for item in value:
+            # Model ids may be written as numbers; they are strings on the wire.
+            if isinstance(item, (str, int)) and not isinstance(item, bool):
+                out.append(str(item))
+            else:
+                raise ConfigError(key, f"expected a list of strings, got item {item!r}")
+        return out
+    raise ConfigError(key, f"unsupported type {tp!r}")  # pragma: no cover
+
+
+def _build(cls: Any, data: Mapping[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for name in data:
+        if name not in names:
+            full = f"{prefix}{name}"
+            raise ConfigError(full, f"unknown key (valid here: {', '.join(sorted(names))})")
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        key = f"{prefix}{f.name}"
+        tp = hints[f.name]
+        value = data[f.name]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, Mapping):
+                raise ConfigError(key, "expected a table")
+            kwargs[f.name] = _build(tp, value, f"{key}.")
+        else:
+            kwargs[f.name] = _convert(value, tp, key)
+    return cls(**kwargs)
+
+
+def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _parse_env_value(raw: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """The nested table that the SWARM_AGG__* variables describe."""
+    tree: dict[str, Any] = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        parts = [p.lower() for p in name[len(ENV_PREFIX):].split("__")]
+        if not all(parts):
+            raise ConfigError(name, "empty level in environment variable name")
+        node = tree
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(".".join(parts), "set both as a value and as a table")
+        node[parts[-1]] = _parse_env_value(raw)
+    return tree
+
+
+def _validate(cfg: Config) -> None:
+    def need(ok: bool, key: str, message: str) -> None:
+        if not ok:
+            raise ConfigError(key, message)
+
+    t, w, a = cfg.transport, cfg.window, cfg.aggregate
+    need(t.kind in TRANSPORT_KINDS, "transport.kind",
+         f"unknown transport {t.kind!r} (valid: {', '.join(TRANSPORT_KINDS)})")
+    need(0 < t.swergio.port < 65536, "transport.swergio.port", "must be 1..65535")
+    need(1 <= t.swergio.header_length <= 32, "transport.swergio.header_length", "must be 1..32")
+    need(t.swergio.reconnect_min_s > 0, "transport.swergio.reconnect_min_s", "must be > 0")
+    need(t.swergio.reconnect_max_s >= t.swergio.reconnect_min_s,
+         "transport.swergio.reconnect_max_s", "must be >= reconnect_min_s")
+    for k in ("sub", "pub"):
+        addr = getattr(t.zmq, k)
+        need("://" in addr, f"transport.zmq.{k}", f"not a ZeroMQ endpoint: {addr!r}")
+    need(t.zmq.rcvhwm >= 0, "transport.zmq.rcvhwm", "must be >= 0")
+    need(t.zmq.sndhwm >= 0, "transport.zmq.sndhwm", "must be >= 0")
+    for k in ("logits", "action", "evolution"):
+        need(bool(getattr(cfg.topics, k)), f"topics.{k}", "must not be empty")
+    need(len({cfg.topics.logits, cfg.topics.action, cfg.topics.evolution}) == 3, "topics",
+         "logits, action and evolution must be three different topics")
+    need(w.models >= 0, "window.models", "must be >= 0")
+    need(len(set(w.model_ids)) == len(w.model_ids), "window.model_ids", "has duplicates")
+    need(not (w.model_ids and w.models not in (0, len(w.model_ids))), "window.models",
+         "disagrees with the size of window.model_ids (set one of them)")
+    need(w.timeout_ms >= 0, "window.timeout_ms", "must be >= 0")
+    need(w.min_models >= 1, "window.min_models", "must be >= 1")
+    need(w.max_open >= 1, "window.max_open", "must be >= 1")
+    need(w.recent_s > 0, "window.recent_s", "must be > 0")
+    need(w.late_memory >= 0, "window.late_memory", "must be >= 0")
+    need(len(set(w.key)) == len(w.key), "window.key", "has duplicates")
+    need(not (cfg.expected_models() == 0 and w.timeout_ms == 0), "window.timeout_ms",
+         "must be > 0 when window.models = 0 (recent membership needs a deadline)")
+    need(a.strategy in STRATEGIES, "aggregate.strategy",
+         f"unknown strategy {a.strategy!r} (valid: {', '.join(STRATEGIES)})")
+    need(0 <= cfg.metrics.port < 65536, "metrics.port", "must be 0..65535")
+    need(cfg.metrics.max_models >= 0, "metrics.max_models", "must be >= 0")
+    need(cfg.log.level.upper() in LOG_LEVELS, "log.level",
+         f"unknown level {cfg.log.level!r} (valid: {', '.join(LOG_LEVELS)})")
+    need(cfg.log.rate_limit_s >= 0, "log.rate_limit_s", "must be >= 0")
+    need(cfg.limits.max_message_bytes > 0, "limits.max_message_bytes", "must be > 0")
+    need(cfg.limits.max_actions > 0, "limits.max_actions", "must be > 0")
+    need(cfg.limits.max_batch > 0, "limits.max_batch", "must be > 0")
+
+
+def from_mapping(data: Mapping[str, Any]) -> Config:
+    """A validated Config from a nested mapping (as TOML gives)."""
+    cfg: Config = _build(Config, data, "")
+    _validate(cfg)
+    return cfg
+
+
+def load(path: str | os.PathLike[str] | None = None,
+         environ: Mapping[str, str] | None = None,
+         overrides: Mapping[str, Any] | None = None) -> Config:
+    """Defaults, then the TOML file at `path`, then SWARM_AGG__* variables, then `overrides`."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        try:
+            with p.open("rb") as fh:
+                data = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError("-c", f"config file not found: {p}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError("-c", f"{p} is not valid TOML: {e}") from None
+    data = _merge(data, env_overrides(os.environ if environ is None else environ))
+    if overrides:
+        data = _merge(data, overrides)
+    return from_mapping(data)
+
+
+def replace(cfg: Config, **sections: Mapping[str, Any]) -> Config:
+    """A copy of `cfg` with some keys of some sections changed, validated again."""
+    data = to_mapping(cfg)
+    return from_mapping(_merge(data, sections))
+
+
+def to_mapping(obj: Any) -> Any:
+    """The plain nested dict of a config."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_mapping(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, list):
+        return list(obj)
+    return obj
+
+

@@ -1,0 +1,240 @@
+"""The embedded demo: the worker, M simulated models and a toy environment on loopback.
+
+The environment has B parallel environments; at each step each one hides a target action
+and pays reward 1 when the swarm's action hits it. Model i knows the target with
+probability skill_i and otherwise favours a random action, so its logits are informative
+in proportion to its skill. Everything runs over real ZeroMQ sockets on 127.0.0.1: the
+worker in this process's event loop, models and environment in a thread. At the end the
+evolution request (`CMD: GET`) fetches the contribution ledger, printed as a leaderboard:
+the skilled models should rank first.
+
+The models send `DETERMINISTIC: true` (evaluation, argmax). Under sampling the credit
+p_m[a] / P[a] has expectation 1/M for every model whatever its skill (a ~ P / M), so only
+the argmax mode can tell skill apart in a short run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+import numpy as np
+import orjson
+import zmq
+
+from .config import from_mapping
+from .worker import Worker
+
+
+@dataclass
+class DemoResult:
+    steps: int = 0
+    reward: float = 0.0
+    seconds: float = 0.0
+    latencies: list[float] = field(default_factory=list)
+    contribution: dict[str, float] = field(default_factory=dict)
+    skills: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+
+
+def model_names(models: int) -> list[str]:
+    return [f"model-{i:02d}" for i in range(models)]
+
+
+def skills_for(models: int, seed: int) -> dict[str, float]:
+    """Skills spread evenly from 0.9 down to 0.05, assigned to names in a shuffled order."""
+    rng = np.random.default_rng(seed)
+    levels = np.linspace(0.9, 0.05, models) if models > 1 else np.array([0.9])
+    order = rng.permutation(models)
+    names = model_names(models)
+    return {names[j]: float(levels[k]) for k, j in enumerate(order)}
+
+
+class Simulation:
+    """Models and environment, driven from a thread over synchronous ZeroMQ sockets."""
+
+    def __init__(self, sub_endpoint: str, pub_endpoint: str, models: int, actions: int,
+                 batch: int, steps: int, seed: int, out: TextIO | None) -> None:
+        self.ctx = zmq.Context()
+        self.pub = self.ctx.socket(zmq.PUB)       # to the worker's SUB
+        self.pub.connect(sub_endpoint)
+        self.sub = self.ctx.socket(zmq.SUB)       # from the worker's PUB
+        self.sub.connect(pub_endpoint)
+        self.sub.setsockopt(zmq.SUBSCRIBE, b"action")
+        self.sub.setsockopt(zmq.SUBSCRIBE, b"evolution")
+        self.models, self.actions, self.batch, self.steps = models, actions, batch, steps
+        self.rng = np.random.default_rng(seed + 1)
+        self.skills = skills_for(models, seed)
+        self.out = out
+        self.stop = threading.Event()
+        self.result = DemoResult(skills=self.skills)
+
+    def close(self) -> None:
+        self.pub.close(0)
+        self.sub.close(0)
+        self.ctx.term()
+
+    def _recv(self, topic: bytes, timeout_s: float) -> dict[str, Any] | None:
+        end = time.monotonic() + timeout_s
+        while (left := end - time.monotonic()) > 0:
+            if not self.sub.poll(int(left * 1000) + 1):
+                continue
+            t, body = self.sub.recv_multipart()
+            if t == topic:
+                obj: dict[str, Any] = orjson.loads(body)
+                return obj
+        return None
+
+    def _ask(self) -> dict[str, float] | None:
+        self.pub.send_multipart([b"evolution", orjson.dumps({"CMD": "GET"})])
+        reply = self._recv(b"evolution", 0.2)
+        return None if reply is None else reply.get("CONTRIBUTION", {})
+
+    def handshake(self, timeout_s: float = 10.0) -> bool:
+        """Send GET until a reply comes back: both directions are then subscribed."""
+        end = time.monotonic() + timeout_s
+        while time.monotonic() < end and not self.stop.is_set():
+            if self._ask() is not None:
+                return True
+        return False
+
+    def run(self) -> DemoResult:
+        res = self.result
+        try:
+            if not self.handshake():
+                res.error = "the worker did not answer on loopback"
+                return res
+            self._loop(res)
+            for _ in range(20):
+                contribution = self._ask()
+                if contribution is not None:
+                    res.contribution = contribution
+                    break
+        except Exception as e:  # noqa: BLE001 - reported to the user, then the demo stops
+            res.error = f"{type(e).__name__}: {e}"
+        return res
+
+    def _loop(self, res: DemoResult) -> None:
+        names = list(self.skills)
+        skill = np.array([self.skills[n] for n in names])
+        a, b = self.actions, self.batch
+        hits = 0
+        t0 = last_print = time.monotonic()
+        step = 0
+        while not self.stop.is_set() and (self.steps == 0 or step < self.steps):
+            target = self.rng.integers(a, size=b)
+            knows = self.rng.random((len(names), b)) < skill[:, None]
+            favoured = np.where(knows, target[None, :], self.rng.integers(a, size=(len(names), b)))
+            logits = self.rng.normal(0.0, 1.0, (len(names), b, a))
+            np.put_along_axis(logits, favoured[:, :, None], 3.0, axis=2)
+            for i, n in enumerate(names):
+                rows: Any = logits[i].tolist() if b > 1 else logits[i, 0].tolist()
+                self.pub.send_multipart([b"logits", orjson.dumps(
+                    {"LOGITS": rows, "COMPONENT_ID": n, "DETERMINISTIC": True, "STEP": step})])
+            sent = time.monotonic()
+            reply = self._recv(b"action", 5.0)
+            if reply is None:
+                res.error = f"no action for step {step} within 5 s"
+                return
+            res.latencies.append(time.monotonic() - sent)
+            hits += int((np.asarray(reply["ACTION"]) == target).sum())
+            step += 1
+            now = time.monotonic()
+            if self.out is not None and now - last_print >= 0.5:
+                last_print = now
+                self._progress(step, now - t0, hits / (step * b), res.latencies)
+        res.steps = step
+        res.seconds = time.monotonic() - t0
+        res.reward = hits / max(1, step * b)
+        if self.out is not None and step:
+            self._progress(step, res.seconds, res.reward, res.latencies, final=True)
+
+    def _progress(self, step: int, secs: float, reward: float, lat: list[float],
+                  final: bool = False) -> None:
+        recent = np.asarray(lat[-2000:]) * 1000
+        p50, p99 = np.percentile(recent, [50, 99])
+        total = f"/{self.steps}" if self.steps else ""
+        line = (f"step {step}{total}  {step / secs:7.0f} steps/s  latency p50 {p50:.2f} ms "
+                f"p99 {p99:.2f} ms  reward {reward:.2f}")
+        assert self.out is not None
+        if self.out.isatty():
+            self.out.write("\r" + line + ("\n" if final else ""))
+        else:
+            self.out.write(line + "\n")
+        self.out.flush()
+
+
+def leaderboard(res: DemoResult) -> str:
+    total = sum(res.contribution.values()) or 1.0
+    rows = sorted(res.contribution.items(), key=lambda kv: -kv[1])
+    lines = ["rank  model      skill  contribution  share"]
+    for i, (name, c) in enumerate(rows, 1):
+        lines.append(f"{i:>4}  {name:<9}  {res.skills.get(name, float('nan')):5.2f}  "
+                     f"{c:12.2f}  {c / total:5.1%}")
+    return "\n".join(lines)
+
+
+async def _serve(sim_factory: Any, models: int) -> DemoResult:
+    from transports.zeromq import ZmqTransport
+
+    cfg = from_mapping({
+        "transport": {"kind": "zmq", "zmq": {"sub": "tcp://127.0.0.1:0",
+                                             "pub": "tcp://127.0.0.1:0"}},
+        "window": {"models": models, "key": ["STEP"], "timeout_ms": 2000},
+        "metrics": {"port": 0},
+    })
+    transport = ZmqTransport(cfg, lambda reason, detail: None)
+    worker = Worker(cfg, transport)
+    stop, started = asyncio.Event(), asyncio.Event()
+    task = asyncio.create_task(worker.run(stop, started))
+    await started.wait()
+    sim: Simulation = sim_factory(transport.sub_endpoint, transport.pub_endpoint)
+    loop = asyncio.get_running_loop()
+    try:
+        return await loop.run_in_executor(None, sim.run)
+    except asyncio.CancelledError:
+        sim.stop.set()
+        raise
+    finally:
+        sim.stop.set()
+        stop.set()
+        await task
+        sim.close()
+
+
+def run_demo(models: int = 8, actions: int = 6, steps: int = 0, batch: int = 1, seed: int = 0,
+             quiet: bool = False, out: TextIO = sys.stdout) -> int:
+    for name, v in (("--models", models), ("--actions", actions), ("--batch", batch)):
+        if v < 1:
+            print(f"swarm-aggregator demo: {name} must be at least 1", file=sys.stderr)
+            return 2
+    if steps < 0:
+        print("swarm-aggregator demo: --steps must be >= 0", file=sys.stderr)
+        return 2
+    print(f"demo: {models} models, {actions} actions, batch {batch}, "
+          f"{steps or 'unlimited'} steps over ZeroMQ on 127.0.0.1 (Ctrl-C stops)", file=out)
+    holder: dict[str, Simulation] = {}
+
+    def factory(sub: str, pub: str) -> Simulation:
+        holder["sim"] = Simulation(sub, pub, models, actions, batch, steps, seed,
+                                   None if quiet else out)
+        return holder["sim"]
+
+    try:
+        res = asyncio.run(_serve(factory, models))
+    except KeyboardInterrupt:
+        sim = holder.get("sim")
+        if sim is None:
+            return 130
+        res = sim.result
+    if res.error:
+        print(f"demo failed: {res.error}", file=sys.stderr)
+        return 1
+    print(f"\n{res.steps} steps in {res.seconds:.1f} s, reward {res.reward:.3f}\n"
+          f"contribution leaderboard (the evolution component's GET):", file=out)
+    print(leaderboard(res), file=out)
+    return 0

@@ -1,0 +1,134 @@
+"""Decoding, validation and encoding of the wire messages (JSON objects, upper-case fields).
+
+Every transport hands its raw bytes here, so one set of rules (and one fuzz suite) covers
+them all. Each rejection raises `DecodeError` with a reason from `errors.REASONS`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import orjson
+
+from .errors import DecodeError
+
+# Fields of the message that completes a window that swergio components copy into replies.
+PROPAGATED = ("ROOT_ID", "MODEL_STATUS")
+
+
+@dataclass(slots=True)
+class Logits:
+    """One model's logits for one step (or one batch of environments)."""
+
+    model: str
+    logits: np.ndarray            # float32, shape (B, A); B = 1 for an unbatched message
+    deterministic: bool | None    # None: the config default decides
+    key: tuple[Any, ...]          # the step key's values, () in lockstep mode
+    extra: dict[str, Any] | None  # ROOT_ID / MODEL_STATUS, when present
+
+
+def decode_object(payload: bytes, max_bytes: int) -> dict[str, Any]:
+    """Parse one JSON object, refusing it unparsed when it is over `max_bytes`."""
+    if len(payload) > max_bytes:
+        raise DecodeError("too_large", f"{len(payload)} bytes > limit {max_bytes}")
+    try:
+        obj = orjson.loads(payload)
+    except orjson.JSONDecodeError as e:
+        raise DecodeError("not_json", str(e)[:120]) from None
+    if not isinstance(obj, dict):
+        raise DecodeError("not_object", f"JSON {type(obj).__name__}, not an object")
+    return obj
+
+
+def component_id(obj: dict[str, Any]) -> str | None:
+    """The sender's COMPONENT_ID as a string, for log lines; None when absent or unusable."""
+    cid = obj.get("COMPONENT_ID")
+    if isinstance(cid, str):
+        return cid[:64]
+    if isinstance(cid, (int, float)) and not isinstance(cid, bool):
+        return str(cid)
+    return None
+
+
+def parse_logits(obj: dict[str, Any], key_fields: Sequence[str],
+                 max_actions: int, max_batch: int) -> Logits:
+    """Validate a decoded logits message; raises DecodeError with the reason."""
+    try:
+        raw = obj["LOGITS"]
+        cid = obj["COMPONENT_ID"]
+    except KeyError as e:
+        raise DecodeError("missing_field", f"no {e.args[0]}") from None
+    if isinstance(cid, str):
+        if not cid:
+            raise DecodeError("bad_component_id", "empty COMPONENT_ID")
+        model = cid
+    elif isinstance(cid, (int, float)) and not isinstance(cid, bool):
+        model = str(cid)
+    else:
+        raise DecodeError("bad_component_id", f"COMPONENT_ID of type {type(cid).__name__}")
+    sender = model[:64]
+
+    if not isinstance(raw, list) or not raw:
+        raise DecodeError("bad_logits", "LOGITS must be a non-empty list", sender)
+    try:
+        arr = np.array(raw, dtype=np.float32)
+    except (ValueError, TypeError, OverflowError):
+        raise DecodeError("bad_logits", "LOGITS must hold numbers (rows of equal length)",
+                          sender) from None
+    if arr.ndim == 1:
+        arr = arr.reshape(1, -1)
+    elif arr.ndim != 2:
+        raise DecodeError("bad_logits", f"LOGITS has {arr.ndim} levels; 1 or 2 allowed", sender)
+    b, a = arr.shape
+    if a == 0:
+        raise DecodeError("bad_logits", "empty rows", sender)
+    if a > max_actions or b > max_batch:
+        raise DecodeError("bad_logits", f"shape {b}x{a} over limits {max_batch}x{max_actions}",
+                          sender)
+    if not np.isfinite(arr).all():
+        # Float32 is the seed's precision: a finite JSON value past 3.4e38 is infinite here.
+        raise DecodeError("non_finite", "NaN or infinite logits (in float32)", sender)
+
+    det = obj.get("DETERMINISTIC")
+    if det is not None and not isinstance(det, bool):
+        raise DecodeError("bad_deterministic", f"DETERMINISTIC of type {type(det).__name__}",
+                          sender)
+
+    key: tuple[Any, ...] = ()
+    if key_fields:
+        values = []
+        for f in key_fields:
+            v = obj.get(f)
+            if isinstance(v, bool) or not isinstance(v, (str, int)):
+                raise DecodeError("bad_key", f"step-key field {f} is {v!r}", sender)
+            values.append(v)
+        key = tuple(values)
+
+    extra = None
+    for f in PROPAGATED:
+        if f in obj:
+            if extra is None:
+                extra = {}
+            extra[f] = obj[f]
+    return Logits(model, arr, det, key, extra)
+
+
+def command_of(payload: bytes, max_bytes: int) -> str | None:
+    """The CMD of an evolution message, or None for everything else.
+
+    Evolution traffic also carries large WEIGHTS messages; those without a "CMD" field are
+    recognised from their bytes and never parsed.
+    """
+    if b'"CMD"' not in payload:
+        return None
+    obj = decode_object(payload, max_bytes)
+    cmd = obj.get("CMD")
+    return cmd if isinstance(cmd, str) else None
+
+
+def encode(obj: dict[str, Any]) -> bytes:
+    """JSON bytes of an outgoing message (numpy integers and floats included)."""
+    return orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY)

@@ -1,0 +1,164 @@
+"""Windows: the logits of one step, collected from the expected models.
+
+Pure and synchronous: the clock is an argument (`now`, seconds on any monotonic clock), so
+the tests need neither an event loop nor sleeps.
+
+- Lockstep (`window.key = []`): one window at a time, as the seed does; it closes when every
+  expected model has sent once.
+- Keyed: the step-key fields of a message name its window; many may be open at once.
+- Expected models: a count (`window.models`), a roster (`window.model_ids`), or, with
+  `models = 0`, the models seen within `window.recent_s` (after a warm-up of that length,
+  during which windows close only at their deadline).
+- Deadline: `window.timeout_ms` after the first message. Then a window with at least
+  `window.min_models` models closes as `partial` (it is published, marked PARTIAL), one
+  with fewer is `dropped`.
+- Cap: at most `window.max_open` open windows; opening one more closes the oldest first
+  (`evicted`; published as PARTIAL when it has its quorum).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .config import WindowConfig
+from .errors import RejectedError
+from .messages import Logits
+
+COMPLETE, PARTIAL, DROPPED, EVICTED = "complete", "partial", "dropped", "evicted"
+OUTCOMES = (COMPLETE, PARTIAL, DROPPED, EVICTED)
+
+
+@dataclass(slots=True)
+class Window:
+    key: tuple[Any, ...]
+    first_at: float
+    deadline: float
+    shape: tuple[int, ...]
+    models: dict[str, np.ndarray] = field(default_factory=dict)
+    deterministic: bool | None = None  # of the last accepted message (the seed's rule)
+    last_at: float = 0.0
+    extra: dict[str, Any] | None = None
+
+
+@dataclass(slots=True)
+class Closed:
+    window: Window
+    outcome: str
+
+    @property
+    def publish(self) -> bool:
+        return self.outcome != DROPPED
+
+    @property
+    def partial(self) -> bool:
+        return self.outcome != COMPLETE
+
+
+class Windows:
+    """The open windows, and the rules that close them."""
+
+    def __init__(self, cfg: WindowConfig, min_models: int | None = None,
+                 start: float = 0.0) -> None:
+        self.cfg = cfg
+        self.roster = frozenset(cfg.model_ids)
+        self.expected = len(self.roster) or cfg.models
+        self.min_models = cfg.min_models if min_models is None else min_models
+        self.timeout = cfg.timeout_ms / 1000.0
+        self.open: OrderedDict[tuple[Any, ...], Window] = OrderedDict()
+        self.closed_keys: OrderedDict[tuple[Any, ...], None] = OrderedDict()
+        self.keyed = bool(cfg.key)
+        # models = 0: recent membership
+        self.start = start
+        self.last_seen: dict[str, float] = {}
+        self._active: frozenset[str] = frozenset()
+        self._active_at = float("-inf")
+
+    def __len__(self) -> int:
+        return len(self.open)
+
+    def next_deadline(self) -> float | None:
+        """When the oldest open window times out, or None."""
+        if not self.timeout or not self.open:
+            return None
+        return next(iter(self.open.values())).deadline
+
+    def add(self, msg: Logits, now: float) -> list[Closed]:
+        """Add one model's logits; returns the windows this closes (complete or evicted).
+
+        Raises RejectedError (unknown_model, late, duplicate, shape); the window goes on.
+        """
+        if self.roster and msg.model not in self.roster:
+            raise RejectedError("unknown_model", "not in window.model_ids", msg.model)
+        key = msg.key
+        closed: list[Closed] = []
+        win = self.open.get(key)
+        if win is None:
+            if self.keyed and key in self.closed_keys:
+                raise RejectedError("late", f"window {key!r} already closed", msg.model)
+            if len(self.open) >= self.cfg.max_open:
+                _, oldest = self.open.popitem(last=False)
+                closed.append(self._close(oldest, EVICTED))
+            deadline = now + self.timeout if self.timeout else float("inf")
+            win = Window(key, now, deadline, msg.logits.shape)
+            self.open[key] = win
+        elif msg.model in win.models:
+            raise RejectedError("duplicate", f"second message for window {key!r}", msg.model)
+        elif msg.logits.shape != win.shape:
+            raise RejectedError("shape", f"shape {msg.logits.shape} in a window of {win.shape}",
+                                msg.model)
+        win.models[msg.model] = msg.logits
+        win.deterministic = msg.deterministic
+        win.last_at = now
+        if msg.extra is not None:
+            win.extra = msg.extra
+        if self.expected:
+            done = len(win.models) >= self.expected
+        else:
+            self.last_seen[msg.model] = now
+            done = now - self.start >= self.cfg.recent_s and self._covers(win, now)
+        if done:
+            del self.open[key]
+            closed.append(self._close(win, COMPLETE))
+        return closed
+
+    def expire(self, now: float) -> list[Closed]:
+        """Close every window whose deadline has passed."""
+        closed: list[Closed] = []
+        while self.open:
+            win = next(iter(self.open.values()))
+            if win.deadline > now:
+                break
+            del self.open[win.key]
+            if not self.expected and self._covers(win, now):
+                closed.append(self._close(win, COMPLETE))
+            else:
+                closed.append(self._close(win, PARTIAL))
+        return closed
+
+    def close_all(self) -> list[Closed]:
+        """Close every open window now (shutdown): quorum publishes, the rest is dropped."""
+        closed = [self._close(w, PARTIAL) for w in self.open.values()]
+        self.open.clear()
+        return closed
+
+    def _close(self, win: Window, outcome: str) -> Closed:
+        if outcome != COMPLETE and len(win.models) < self.min_models:
+            outcome = DROPPED
+        if self.keyed and self.cfg.late_memory:
+            self.closed_keys[win.key] = None
+            if len(self.closed_keys) > self.cfg.late_memory:
+                self.closed_keys.popitem(last=False)
+        return Closed(win, outcome)
+
+    def _covers(self, win: Window, now: float) -> bool:
+        if now - self._active_at > self.cfg.recent_s / 100:
+            horizon = now - self.cfg.recent_s
+            for m in [m for m, t in self.last_seen.items() if t < horizon]:
+                del self.last_seen[m]
+            self._active = frozenset(self.last_seen)
+            self._active_at = now
+        return all(m in win.models for m in self._active)

@@ -1,0 +1,203 @@
+"""The worker loop: a transport's bytes in, windows, aggregation, actions and replies out.
+
+Per burst of received messages: decode and window every logits message; collect the
+windows that close (complete, at their deadline, or evicted); aggregate all of them in one
+batched call; publish one action each and credit the ledger. An evolution `CMD: GET` first
+flushes what closed before it in the same burst, so its reply counts every action already
+decided, then answers with the ledger and resets it (the seed's semantics).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from .aggregate import create as create_strategy
+from .config import Config
+from .errors import RejectedError
+from .ledger import Ledger
+from .messages import component_id, decode_object, encode, parse_logits
+from .metrics import Metrics
+from .window import Closed, Windows
+
+log = logging.getLogger("swarm_aggregator")
+
+IDLE_WAIT = 0.1  # longest receive wait, so a stop request is noticed promptly
+
+
+class RateLimitedLog:
+    """One warning per reason per interval, with the count of what it held back."""
+
+    def __init__(self, interval: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval = interval
+        self.clock = clock
+        self.last: dict[str, float] = {}
+        self.held: dict[str, int] = {}
+
+    def reject(self, reason: str, detail: str, sender: str | None) -> bool:
+        now = self.clock()
+        if now - self.last.get(reason, float("-inf")) < self.interval:
+            self.held[reason] = self.held.get(reason, 0) + 1
+            return False
+        held = self.held.pop(reason, 0)
+        self.last[reason] = now
+        log.warning("rejected message: reason=%s sender=%s %s%s", reason, sender or "?",
+                    detail, f" (+{held} more since the last line)" if held else "")
+        return True
+
+
+class Worker:
+    def __init__(self, cfg: Config, transport: Any, metrics: Metrics | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.cfg = cfg
+        self.transport = transport
+        self.metrics = metrics or Metrics(max_models=cfg.metrics.max_models)
+        self.clock = clock
+        self.windows = Windows(cfg.window, start=clock())
+        self.strategy = create_strategy(cfg.aggregate.strategy, cfg.aggregate.seed)
+        self.ledger = Ledger()
+        self.rejects = RateLimitedLog(cfg.log.rate_limit_s, clock)
+        self.key_fields = tuple(cfg.window.key)
+        self.default_det = cfg.aggregate.deterministic
+        t = cfg.topics
+        self.t_logits, self.t_action, self.t_evolution = t.logits, t.action, t.evolution
+        self.limits = cfg.limits
+        self.published = 0
+
+    # -- intake -------------------------------------------------------------------------
+
+    def reject(self, reason: str, detail: str = "", sender: str | None = None) -> None:
+        self.metrics.reject(reason)
+        self.rejects.reject(reason, detail, sender)
+
+    async def handle(self, batch: list[tuple[str | None, bytes, float]]) -> None:
+        """Process one burst of envelopes."""
+        pending: list[Closed] = []
+        lim = self.limits
+        for topic, payload, at in batch:
+            obj: dict[str, Any] | None = None
+            if topic is None:
+                # The room is inside the body (swergio): look before parsing, since most
+                # traffic in the shared rooms (commands, WEIGHTS) is not ours.
+                if b'"LOGITS"' not in payload and b'"CMD"' not in payload:
+                    continue
+                try:
+                    obj = decode_object(payload, lim.max_message_bytes)
+                except RejectedError as e:
+                    self.reject(e.reason, e.detail)
+                    continue
+                room = obj.get("TO_ROOM")
+                if room == self.t_logits:
+                    topic = room
+                elif room == self.t_evolution:
+                    topic = room
+                else:
+                    continue
+            self.metrics.receive(topic)
+            if topic == self.t_logits:
+                try:
+                    if obj is None:
+                        obj = decode_object(payload, lim.max_message_bytes)
+                    msg = parse_logits(obj, self.key_fields, lim.max_actions, lim.max_batch)
+                    pending += self.windows.add(msg, at)
+                except RejectedError as e:
+                    self.reject(e.reason, e.detail, e.sender or
+                                (component_id(obj) if obj is not None else None))
+            elif topic == self.t_evolution:
+                if obj is None:
+                    if b'"CMD"' not in payload:
+                        continue  # WEIGHTS and the like: not for us, never parsed
+                    try:
+                        obj = decode_object(payload, lim.max_message_bytes)
+                    except RejectedError as e:
+                        self.reject(e.reason, e.detail)
+                        continue
+                if obj.get("CMD") == "GET":
+                    await self._flush(pending)
+                    pending = []
+                    await self._answer_get(obj)
+        pending += self.windows.expire(self.clock())
+        await self._flush(pending)
+        self.metrics.open_windows.set(len(self.windows))
+
+    # -- output -------------------------------------------------------------------------
+
+    async def _flush(self, closed: list[Closed]) -> None:
+        if not closed:
+            return
+        todo = []
+        for c in closed:
+            self.metrics.closed(c.outcome)
+            if c.publish:
+                todo.append(c)
+        if not todo:
+            return
+        t0 = time.perf_counter()
+        stacks = [_stack(c) for c in todo]
+        dets = [c.window.deterministic if c.window.deterministic is not None
+                else self.default_det for c in todo]
+        results = self.strategy(stacks, dets)
+        self.metrics.aggregation.observe((time.perf_counter() - t0) / len(todo))
+        key_fields = self.key_fields
+        for c, r in zip(todo, results):
+            win = c.window
+            models = list(win.models)
+            msg: dict[str, Any] = {"ACTION": r.actions.tolist()}
+            for f, v in zip(key_fields, win.key):
+                msg[f] = v
+            if c.partial:
+                msg["PARTIAL"] = True
+                msg["MODELS"] = len(models)
+            if win.extra:
+                msg.update(win.extra)
+            stamp = self.transport.stamp(self.t_action)
+            if stamp:
+                msg.update(stamp)
+            await self.transport.publish(self.t_action, encode(msg))
+            self.published += 1
+            credit = r.credit.sum(axis=1) if r.credit.shape[1] > 1 else r.credit[:, 0]
+            self.ledger.add(models, credit)
+            now = self.clock()
+            self.metrics.published(now - win.first_at, now - win.last_at, r.credit.shape[1])
+            self.metrics.credit(models, credit.tolist())
+
+    async def _answer_get(self, request: dict[str, Any]) -> None:
+        self.metrics.evolution.labels("GET").inc()
+        reply: dict[str, Any] = {"CONTRIBUTION": self.ledger.take()}
+        stamp = self.transport.stamp(self.t_evolution)
+        if stamp:
+            for f in ("ROOT_ID", "MODEL_STATUS"):
+                if f in request:
+                    reply[f] = request[f]
+            reply.update(stamp)
+        await self.transport.publish(self.t_evolution, encode(reply))
+
+    # -- the loop -----------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event, started: asyncio.Event | None = None) -> None:
+        """Serve until `stop` is set; then publish what has its quorum and close."""
+        async with self.transport:
+            self.metrics.ready.set(1)
+            if started is not None:
+                started.set()
+            try:
+                while not stop.is_set():
+                    self.metrics.ready.set(1 if self.transport.ready else 0)
+                    wait = IDLE_WAIT
+                    deadline = self.windows.next_deadline()
+                    if deadline is not None:
+                        wait = min(wait, max(0.0, deadline - self.clock()))
+                    batch = await self.transport.receive(wait)
+                    await self.handle(batch)
+            finally:
+                await self._flush(self.windows.close_all())
+                self.metrics.ready.set(0)
+
+
+def _stack(c: Closed) -> np.ndarray:
+    return np.stack(list(c.window.models.values()))

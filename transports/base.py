@@ -1,0 +1,66 @@
+"""The transport interface: small, async and structural.
+
+    async with transport:                      # connect / bind, subscribe; close on exit
+        batch = await transport.receive(0.1)   # what is ready now, [] after the timeout
+        await transport.publish(topic, payload)
+
+An envelope is `(topic, payload, received_at)`: the topic (None when the topic travels
+inside the JSON body, as swergio's `TO_ROOM` does), the raw bytes, and `time.monotonic()`
+when the bytes were read. `receive` drains everything already waiting (up to a burst cap),
+so the worker can aggregate the windows of one burst together.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any, Protocol, Self
+
+from processor.config import Config
+from processor.errors import ConfigError
+
+Envelope = tuple[str | None, bytes, float]
+# Called by a transport for input it refuses before the worker sees it (reason, detail).
+RejectHook = Callable[[str, str], None]
+
+TRANSPORTS: dict[str, str] = {
+    "zmq": "transports.zeromq:ZmqTransport",
+    "swergio": "transports.swergio:SwergioTransport",
+    "memory": "transports.memory:MemoryTransport",
+}
+
+MAX_BURST = 4096
+
+
+class Transport(Protocol):
+    ready: bool  # connected and subscribed
+
+    async def __aenter__(self) -> Self: ...
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None: ...
+
+    async def receive(self, timeout: float | None) -> list[Envelope]: ...
+
+    async def publish(self, topic: str, payload: bytes) -> bool: ...
+
+    def stamp(self, topic: str) -> dict[str, Any] | None:
+        """Fields this transport's peers expect in every outgoing message (or None)."""
+        ...
+
+
+def _noop(reason: str, detail: str) -> None:
+    pass
+
+
+def create(cfg: Config, on_reject: RejectHook | None = None, **kwargs: Any) -> Transport:
+    """The transport that `cfg.transport.kind` names."""
+    target = TRANSPORTS.get(cfg.transport.kind)
+    if target is None:
+        raise ConfigError("transport.kind", f"unknown transport {cfg.transport.kind!r} "
+                          f"(valid: {', '.join(sorted(TRANSPORTS))})")
+    module, _, name = target.partition(":")
+    cls = getattr(importlib.import_module(module), name)
+    transport: Transport = cls(cfg, on_reject or _noop, **kwargs)
+    return transport

@@ -1,0 +1,124 @@
+"""ZeroMQ transport: a SUB socket in (logits, evolution), a PUB socket out (actions, replies).
+
+Guarantees (ZeroMQ PUB/SUB): at-most-once; per-publisher order is kept; a message sent
+before the subscription reached the publisher is lost (the "slow joiner"); when a
+subscriber's queue holds `rcvhwm` messages, further ones are dropped by ZeroMQ without
+notice to either side. Each message is two frames, `[topic, JSON payload]`; the topic frame
+must equal a configured topic exactly (ZeroMQ's subscription is a prefix match).
+Each socket binds or connects by config; bind to loopback unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from types import TracebackType
+from typing import Any, Self
+
+import zmq
+
+from processor.config import Config
+
+from .base import MAX_BURST, Envelope, RejectHook
+
+
+class ZmqTransport:
+    def __init__(self, cfg: Config, on_reject: RejectHook, context: zmq.Context | None = None
+                 ) -> None:
+        self.cfg = cfg.transport.zmq
+        self.topics = {cfg.topics.logits.encode(): cfg.topics.logits,
+                       cfg.topics.evolution.encode(): cfg.topics.evolution}
+        self.max_bytes = cfg.limits.max_message_bytes
+        self.on_reject = on_reject
+        self.ctx = context or zmq.Context.instance()
+        self.ready = False
+        self.sub_endpoint = ""
+        self.pub_endpoint = ""
+        self._sub: zmq.Socket | None = None
+        self._pub: zmq.Socket | None = None
+        self._readable = asyncio.Event()
+
+    async def __aenter__(self) -> Self:
+        c = self.cfg
+        sub = self.ctx.socket(zmq.SUB)
+        pub = self.ctx.socket(zmq.PUB)
+        for s in (sub, pub):
+            s.setsockopt(zmq.LINGER, 500)
+        sub.setsockopt(zmq.RCVHWM, c.rcvhwm)
+        # Refused by ZeroMQ before it reaches Python: the size limit on every frame.
+        sub.setsockopt(zmq.MAXMSGSIZE, self.max_bytes + 1024)
+        pub.setsockopt(zmq.SNDHWM, c.sndhwm)
+        for topic in self.topics:
+            sub.setsockopt(zmq.SUBSCRIBE, topic)
+        try:
+            self.sub_endpoint = _attach(sub, c.sub, c.sub_bind)
+            self.pub_endpoint = _attach(pub, c.pub, c.pub_bind)
+        except zmq.ZMQError:
+            sub.close(0)
+            pub.close(0)
+            raise
+        self._sub, self._pub = sub, pub
+        # ZeroMQ's FD is edge-triggered: it says "look at EVENTS", not "a message waits".
+        asyncio.get_running_loop().add_reader(sub.FD, self._readable.set)
+        self.ready = True
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.ready = False
+        if self._sub is not None:
+            asyncio.get_running_loop().remove_reader(self._sub.FD)
+            self._sub.close()
+        if self._pub is not None:
+            self._pub.close()
+        self._sub = self._pub = None
+
+    async def receive(self, timeout: float | None) -> list[Envelope]:
+        sub = self._sub
+        assert sub is not None, "use 'async with transport'"
+        if not sub.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            self._readable.clear()
+            # Reading EVENTS re-arms the edge; a message may have come in between.
+            if not sub.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                try:
+                    await asyncio.wait_for(self._readable.wait(), timeout)
+                except TimeoutError:
+                    return []
+        out: list[Envelope] = []
+        recv = sub.recv_multipart
+        topics = self.topics
+        now = time.monotonic()
+        while len(out) < MAX_BURST:
+            try:
+                frames = recv(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            topic = topics.get(frames[0])
+            if topic is None:
+                continue  # another topic that merely starts with ours (prefix match)
+            if len(frames) != 2:
+                self.on_reject("bad_frame", f"{len(frames)} frames on topic {topic!r}, not 2")
+                continue
+            out.append((topic, frames[1], now))
+        return out
+
+    async def publish(self, topic: str, payload: bytes) -> bool:
+        assert self._pub is not None, "use 'async with transport'"
+        # PUB never blocks: at the high-water mark ZeroMQ drops for that subscriber.
+        self._pub.send_multipart((topic.encode(), payload), zmq.NOBLOCK)
+        return True
+
+    def stamp(self, topic: str) -> dict[str, Any] | None:
+        return None
+
+
+def _attach(sock: zmq.Socket, endpoint: str, bind: bool) -> str:
+    if bind:
+        if endpoint.endswith(":0") or endpoint.endswith(":*"):
+            base = endpoint.rsplit(":", 1)[0]
+            port = sock.bind_to_random_port(base)
+            return f"{base}:{port}"
+        sock.bind(endpoint)
+        return str(sock.getsockopt_string(zmq.LAST_ENDPOINT))
+    sock.connect(endpoint)
+    return endpoint
