@@ -70,7 +70,7 @@ class TopicsConfig:
 @dataclass(frozen=True)
 class WindowConfig:
     models: int = 20            # expected models per window; 0 = the models seen recently
-    model_ids: list[str] = field(default_factory=list)  # a fixed roster (overrides models)
+    model_ids: list[str] = field(default_factory=list)  # a fixed roster; models is then ignored
     key: list[str] = field(default_factory=list)  # step-key fields; [] = lockstep
     timeout_ms: int = 5000      # deadline after a window's first message; 0 = wait forever
     min_models: int = 1         # quorum for publishing a window at its deadline
@@ -253,8 +253,6 @@ def _validate(cfg: Config) -> None:
          "logits, action and evolution must be three different topics")
     need(w.models >= 0, "window.models", "must be >= 0")
     need(len(set(w.model_ids)) == len(w.model_ids), "window.model_ids", "has duplicates")
-    need(not (w.model_ids and w.models not in (0, len(w.model_ids))), "window.models",
-         "disagrees with the size of window.model_ids (set one of them)")
     need(w.timeout_ms >= 0, "window.timeout_ms", "must be >= 0")
     need(w.min_models >= 1, "window.min_models", "must be >= 1")
     need(w.max_open >= 1, "window.max_open", "must be >= 1")

@@ -74,7 +74,8 @@ def parse_logits(obj: dict[str, Any], key_fields: Sequence[str],
     if not isinstance(raw, list) or not raw:
         raise DecodeError("bad_logits", "LOGITS must be a non-empty list", sender)
     try:
-        arr = np.array(raw, dtype=np.float32)
+        with np.errstate(over="ignore", invalid="ignore"):  # past float32: inf, refused below
+            arr = np.array(raw, dtype=np.float32)
     except (ValueError, TypeError, OverflowError):
         raise DecodeError("bad_logits", "LOGITS must hold numbers (rows of equal length)",
                           sender) from None
@@ -90,7 +91,7 @@ def parse_logits(obj: dict[str, Any], key_fields: Sequence[str],
                           sender)
     if not np.isfinite(arr).all():
         # Float32 is the seed's precision: a finite JSON value past 3.4e38 is infinite here.
-        raise DecodeError("non_finite", "NaN or infinite logits (in float32)", sender)
+        raise DecodeError("non_finite", "NaN, null or infinite logits (in float32)", sender)
 
     det = obj.get("DETERMINISTIC")
     if det is not None and not isinstance(det, bool):

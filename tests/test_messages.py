@@ -1,0 +1,151 @@
+"""Decoding and validation: named bad inputs, and a property-based fuzz of the decoder."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import orjson
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from processor.errors import REASONS, DecodeError
+from processor.messages import command_of, decode_object, encode, parse_logits
+
+LIMIT = 1 << 20
+
+
+def parse(payload: bytes, key=(), max_actions=100_000, max_batch=4096):
+    return parse_logits(decode_object(payload, LIMIT), key, max_actions, max_batch)
+
+
+def reason_of(payload: bytes, key=()) -> str:
+    with pytest.raises(DecodeError) as e:
+        parse(payload, key)
+    assert e.value.reason in REASONS
+    return e.value.reason
+
+
+def test_valid_single_and_batched():
+    m = parse(b'{"LOGITS": [1, 2.5, -3], "COMPONENT_ID": "m1", "DETERMINISTIC": true}')
+    assert m.model == "m1" and m.deterministic is True and m.key == ()
+    assert m.logits.dtype == np.float32 and m.logits.shape == (1, 3)
+    b = parse(b'{"LOGITS": [[1, 2], [3, 4], [5, 6]], "COMPONENT_ID": 7}')
+    assert b.model == "7" and b.logits.shape == (3, 2) and b.deterministic is None
+
+
+def test_step_key_and_propagated_fields():
+    m = parse(b'{"LOGITS": [1, 2], "COMPONENT_ID": "a", "ENV_ID": "e3", "STEP": 12,'
+              b' "ROOT_ID": "r", "MODEL_STATUS": 2}', key=("ENV_ID", "STEP"))
+    assert m.key == ("e3", 12)
+    assert m.extra == {"ROOT_ID": "r", "MODEL_STATUS": 2}
+
+
+@pytest.mark.parametrize("payload,reason", [
+    (b"not json at all", "not_json"),
+    (b"\xff\xfe\x00garbage", "not_json"),
+    (b'{"LOGITS": [1, 2], "COMPONENT_ID": "\xff"}', "not_json"),   # invalid UTF-8
+    (b"[1, 2, 3]", "not_object"),
+    (b'"LOGITS"', "not_object"),
+    (b'{"COMPONENT_ID": "a"}', "missing_field"),
+    (b'{"LOGITS": [1, 2]}', "missing_field"),
+    (b'{"LOGITS": [1, 2], "COMPONENT_ID": null}', "bad_component_id"),
+    (b'{"LOGITS": [1, 2], "COMPONENT_ID": ""}', "bad_component_id"),
+    (b'{"LOGITS": [1, 2], "COMPONENT_ID": true}', "bad_component_id"),
+    (b'{"LOGITS": [1, 2], "COMPONENT_ID": ["a"]}', "bad_component_id"),
+    (b'{"LOGITS": [], "COMPONENT_ID": "a"}', "bad_logits"),
+    (b'{"LOGITS": [[]], "COMPONENT_ID": "a"}', "bad_logits"),
+    (b'{"LOGITS": "1,2", "COMPONENT_ID": "a"}', "bad_logits"),
+    (b'{"LOGITS": ["a", "b"], "COMPONENT_ID": "a"}', "bad_logits"),
+    (b'{"LOGITS": [[1, 2], [3]], "COMPONENT_ID": "a"}', "bad_logits"),
+    (b'{"LOGITS": [[[1, 2]]], "COMPONENT_ID": "a"}', "bad_logits"),
+    (b'{"LOGITS": [1, null], "COMPONENT_ID": "a"}', "non_finite"),   # null reads as NaN
+    (b'{"LOGITS": {"0": 1}, "COMPONENT_ID": "a"}', "bad_logits"),
+    (b'{"LOGITS": [1, 1e39], "COMPONENT_ID": "a"}', "non_finite"),     # inf in float32
+    (b'{"LOGITS": [1, -1e300], "COMPONENT_ID": "a"}', "non_finite"),
+    (b'{"LOGITS": [1, 2], "COMPONENT_ID": "a", "DETERMINISTIC": "yes"}', "bad_deterministic"),
+    (b'{"LOGITS": [1, 2], "COMPONENT_ID": "a", "DETERMINISTIC": 1}', "bad_deterministic"),
+])
+def test_named_bad_inputs(payload, reason):
+    assert reason_of(payload) == reason
+
+
+def test_nan_and_infinity_are_non_finite():
+    # JSON has no NaN; some encoders (Python's json) write it anyway, orjson refuses it.
+    assert reason_of(b'{"LOGITS": [NaN, 1], "COMPONENT_ID": "a"}') == "not_json"
+    big = orjson.dumps({"LOGITS": [1.0, 3.5e38], "COMPONENT_ID": "a"})
+    assert reason_of(big) == "non_finite"
+
+
+def test_step_key_must_be_present_and_scalar():
+    base = {"LOGITS": [1, 2], "COMPONENT_ID": "a"}
+    assert reason_of(orjson.dumps(base), key=("STEP",)) == "bad_key"
+    for bad in (None, 1.5, True, [1], {"a": 1}):
+        assert reason_of(orjson.dumps({**base, "STEP": bad}), key=("STEP",)) == "bad_key"
+
+
+def test_size_limit_is_checked_before_parsing():
+    with pytest.raises(DecodeError) as e:
+        decode_object(b"x" * 101, 100)      # not JSON, but refused for its size first
+    assert e.value.reason == "too_large"
+
+
+def test_shape_limits():
+    wide = orjson.dumps({"LOGITS": [0.0] * 11, "COMPONENT_ID": "a"})
+    with pytest.raises(DecodeError) as e:
+        parse(wide, max_actions=10)
+    assert e.value.reason == "bad_logits"
+    big = parse(orjson.dumps({"LOGITS": [0.5] * 100_000, "COMPONENT_ID": "a"}))
+    assert big.logits.shape == (1, 100_000)
+
+
+def test_deeply_nested_json_is_rejected_not_crashing():
+    deep = b"[" * 100_000 + b"]" * 100_000
+    assert reason_of(deep) == "not_json"
+    deep_obj = b'{"LOGITS": ' + b"[" * 5000 + b"1" + b"]" * 5000 + b', "COMPONENT_ID": "a"}'
+    assert reason_of(deep_obj) in ("not_json", "bad_logits")
+
+
+def test_command_of_reads_only_messages_with_a_cmd():
+    assert command_of(b'{"CMD": "GET"}', LIMIT) == "GET"
+    assert command_of(b'{"WEIGHTS": "not even json', LIMIT) is None  # never parsed
+    assert command_of(b'{"CMD": 3}', LIMIT) is None
+
+
+def test_encode_handles_numpy_values():
+    out = orjson.loads(encode({"ACTION": np.array([1, 2]).tolist(), "X": np.float32(0.5)}))
+    assert out == {"ACTION": [1, 2], "X": 0.5}
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**63, 2**63 - 1) | st.floats(allow_nan=False) | st.text(),
+    lambda children: st.lists(children, max_size=5) | st.dictionaries(st.text(), children,
+                                                                       max_size=5),
+    max_leaves=30)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=300))
+def test_fuzz_arbitrary_bytes_never_escape_as_other_errors(payload):
+    try:
+        parse(payload, key=("STEP",))
+    except DecodeError as e:
+        assert e.reason in REASONS
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.dictionaries(st.sampled_from(["LOGITS", "COMPONENT_ID", "DETERMINISTIC", "STEP",
+                                        "ROOT_ID", "x"]), json_values, max_size=6))
+def test_fuzz_json_objects_are_accepted_only_when_valid(obj):
+    payload = orjson.dumps(obj)
+    try:
+        m = parse(payload, key=("STEP",))
+    except DecodeError as e:
+        assert e.reason in REASONS
+        return
+    # Accepted: then it really is valid.
+    assert m.logits.ndim == 2 and m.logits.size > 0
+    assert all(math.isfinite(v) for v in m.logits.ravel().tolist())
+    assert isinstance(obj["STEP"], (int, str)) and not isinstance(obj["STEP"], bool)
+    assert obj.get("DETERMINISTIC") is None or isinstance(obj["DETERMINISTIC"], bool)
