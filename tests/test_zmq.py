@@ -1,0 +1,126 @@
+"""ZeroMQ end to end: the worker as a real process, real sockets on loopback."""
+
+from __future__ import annotations
+
+import signal
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+
+from tests.procs import ZmqPeer, cli, free_port, output, process, worker_env
+from tests.reference import sum_probs
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def run_steps(peer: ZmqPeer, rng, steps: int, models: int, actions: int = 6) -> dict:
+    """Lockstep steps; checks each action; returns the expected contribution."""
+    expected: dict[str, float] = {}
+    for step in range(steps):
+        x = rng.normal(0, 2, (models, actions)).astype(np.float32)
+        for m in range(models):
+            peer.send("logits", {"LOGITS": x[m].tolist(), "COMPONENT_ID": f"m{m}",
+                                 "DETERMINISTIC": True})
+        out = peer.recv("action")
+        assert out is not None, f"no action for step {step}"
+        _, action, credit = sum_probs(x[:, None, :])
+        assert out["ACTION"] == action.tolist()
+        for m in range(models):
+            expected[f"m{m}"] = expected.get(f"m{m}", 0.0) + float(credit[m, 0])
+    return expected
+
+
+def test_worker_over_zmq_serves_steps_and_get_and_stops_on_sigterm():
+    sub, pub, mport = free_port(), free_port(), free_port()
+    env = worker_env(transport__zmq__sub=f"tcp://127.0.0.1:{sub}",
+                     transport__zmq__pub=f"tcp://127.0.0.1:{pub}",
+                     window__models=5, window__timeout_ms=0, metrics__port=mport)
+    with process(cli("run"), env) as proc:
+        peer = ZmqPeer(f"tcp://127.0.0.1:{sub}", f"tcp://127.0.0.1:{pub}")
+        try:
+            assert peer.handshake() == {"CONTRIBUTION": {}}
+            expected = run_steps(peer, np.random.default_rng(0), 200, 5)
+            peer.send("evolution", {"CMD": "GET"})
+            reply = peer.recv("evolution")
+            assert reply["CONTRIBUTION"] == pytest.approx(expected, abs=1e-4)
+            # metrics beside it
+            base = f"http://127.0.0.1:{mport}"
+            text = urllib.request.urlopen(base + "/metrics", timeout=5).read().decode()
+            assert "swarm_aggregator_actions_published_total 200.0" in text
+            assert urllib.request.urlopen(base + "/healthz", timeout=5).status == 200
+            assert urllib.request.urlopen(base + "/readyz", timeout=5).status == 200
+            with pytest.raises(urllib.error.HTTPError):
+                urllib.request.urlopen(base + "/nothing", timeout=5)
+        finally:
+            peer.close()
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+        assert time.monotonic() - t0 < 5
+        log = output(proc)
+    assert "transport=zmq" in log and f"127.0.0.1:{sub}" in log  # the start-up line
+
+
+def test_bad_frames_do_not_stop_the_worker():
+    sub, pub = free_port(), free_port()
+    env = worker_env(transport__zmq__sub=f"tcp://127.0.0.1:{sub}",
+                     transport__zmq__pub=f"tcp://127.0.0.1:{pub}",
+                     window__models=2, window__timeout_ms=0, metrics__port=0)
+    with process(cli("run"), env) as proc:
+        peer = ZmqPeer(f"tcp://127.0.0.1:{sub}", f"tcp://127.0.0.1:{pub}")
+        try:
+            peer.handshake()
+            peer.pub.send_multipart([b"logits", b"{}", b"third frame"])
+            peer.pub.send_multipart([b"logits"])
+            peer.send("logits", b"\x00\x01not json")
+            peer.send("logits", {"LOGITS": [float("1e39"), 1.0], "COMPONENT_ID": "x"})
+            peer.send("logitsXL", {"LOGITS": [1, 2], "COMPONENT_ID": "x"})  # not our topic
+            run_steps(peer, np.random.default_rng(1), 20, 2)
+        finally:
+            peer.close()
+        assert proc.poll() is None
+    out = output(proc)
+    assert "reason=bad_frame" in out and "reason=not_json" in out
+
+
+def test_through_the_proxy_many_to_many():
+    xsub, xpub = free_port(), free_port()
+    env = worker_env(transport__zmq__sub=f"tcp://127.0.0.1:{xpub}",
+                     transport__zmq__sub_bind=False,
+                     transport__zmq__pub=f"tcp://127.0.0.1:{xsub}",
+                     transport__zmq__pub_bind=False,
+                     window__models=3, window__key=["ENV_ID", "STEP"], window__timeout_ms=0,
+                     metrics__port=0)
+    proxy_argv = cli("proxy", "--xsub", f"tcp://127.0.0.1:{xsub}",
+                     "--xpub", f"tcp://127.0.0.1:{xpub}")
+    with process(proxy_argv) as proxy, process(cli("run"), env):
+        # two environments on their own sockets, both through the proxy
+        peers = [ZmqPeer(f"tcp://127.0.0.1:{xsub}", f"tcp://127.0.0.1:{xpub}")
+                 for _ in range(2)]
+        try:
+            for p in peers:
+                p.handshake()
+            rng = np.random.default_rng(2)
+            for step in range(50):
+                xs = [rng.normal(0, 2, (3, 4)).astype(np.float32) for _ in peers]
+                for m in range(3):
+                    for e, p in enumerate(peers):
+                        p.send("logits", {"LOGITS": xs[e][m].tolist(), "COMPONENT_ID": m,
+                                          "DETERMINISTIC": True, "ENV_ID": f"env{e}",
+                                          "STEP": step})
+                for e, p in enumerate(peers):
+                    # every subscriber sees every action; each keeps its own by ENV_ID
+                    mine = None
+                    while mine is None:
+                        out = p.recv("action")
+                        assert out is not None
+                        if out["ENV_ID"] == f"env{e}" and out["STEP"] == step:
+                            mine = out
+                    assert mine["ACTION"] == sum_probs(xs[e][:, None, :])[1].tolist()
+        finally:
+            for p in peers:
+                p.close()
+        assert proxy.poll() is None
