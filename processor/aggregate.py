@@ -1,15 +1,34 @@
 """Aggregation: many windows' logits in, one action per environment and credits out.
 
-`sum_probs`, the seed's rule (swergio RLGym example, `get_action`), exactly:
-    p_m = softmax(logits_m)            per model m, in float32 as torch computes it
-    P   = sum_m p_m
-    a   = argmax(P) (ties: lowest index) if deterministic, else a ~ Categorical(P / sum P)
-    credit_m = p_m[a] / P[a]           (sums to 1 over the models of one environment step)
+Every rule works on a (W, M, B, A) float32 tensor (windows, models, environments, actions)
+in one pass of torch, so the cost per window falls as bursts grow. Each rule defines
 
-Windows are aggregated together: all windows of one shape (M models, B environments,
-A actions) become one (W, M, B, A) tensor and one pass of torch, so the cost per window
-falls as bursts grow. Sampling uses the worker's own seeded generator, so a run whose
-messages arrive in the same order replays the same actions.
+    support[m, a]  what model m gives to action a (>= 0)
+    score[a]       the rule's preference: argmax in deterministic mode (ties: lowest index)
+    policy         the distribution sampled from otherwise (the worker's seeded generator)
+    credit[m]      support[m, a] / sum_k support[k, a] for the action a taken: it sums to 1
+                   over the models of one environment step
+
+Optional per-model weights w_m (default 1) scale each model's support. The rules:
+
+- `sum_probs` (the seed, swergio RLGym example `get_action`; Boltzmann addition at T = 1):
+  support = w_m p_m with p_m = softmax(logits_m) in float32; score = sum_m support;
+  policy = score / sum(score); credit = w_m p_m[a] / sum_k w_k p_k[a], the seed's
+  p_m[a] / P[a] when unweighted.
+- `boltzmann_addition` (Wiering & van Hasselt, "Ensemble Algorithms in Reinforcement
+  Learning", IEEE TSMC-B 38(4), 2008): the same preference P(a) = sum_m w_m p_m(a), policy
+  proportional to P(a)^(1/T) (`aggregate.temperature`); credit as sum_probs.
+- `boltzmann_multiplication` (ibid.): policy proportional to prod_m p_m(a)^(w_m / T), computed
+  in log space as softmax(sum_m w_m logits_m / T) (the log-sum-exp of each model is constant
+  over a and cancels), so T = M is the mean of the logits, a product of experts. Support is
+  each model's probability w_m p_m(a), so credit means the same as under the additive rules.
+- `majority_vote` (ibid.): each model votes w_m for its own argmax; V(a) = the votes for a;
+  policy proportional to exp(V(a) / T). Credit goes to the models that voted for a, in
+  proportion to their weight; when nobody voted for a sampled action, to p_m(a) as in
+  sum_probs.
+- `rank_vote` (ibid.): each model gives its best action A points, the next A - 1, down to 1
+  for its worst (ties in a model's logits broken by action index); R(a) = sum_m w_m r_m(a);
+  policy proportional to exp(R(a) / T); credit = w_m r_m(a) / R(a).
 """
 
 from __future__ import annotations
@@ -27,19 +46,24 @@ torch.set_num_threads(1)  # small tensors: threads cost more than they save, and
 class Result:
     actions: np.ndarray  # int64, shape (B,)
     credit: np.ndarray   # float32, shape (M, B): model m's share of environment b's action
+    agree: np.ndarray    # bool, shape (M, B): model m's own argmax was the action taken
 
 
-class SumProbs:
-    """The seed's aggregation rule, vectorised over windows."""
+class Strategy:
+    """Shared frame of the rules: grouping by shape, argmax or sampling, credit."""
 
-    name = "sum_probs"
+    name = ""
 
-    def __init__(self, seed: int = 0) -> None:
+    def __init__(self, seed: int = 0, temperature: float = 1.0) -> None:
         self.generator = torch.Generator().manual_seed(seed)
+        self.temperature = temperature
 
-    def __call__(self, stacks: Sequence[np.ndarray],
-                 deterministic: Sequence[bool]) -> list[Result]:
-        """Aggregate windows; `stacks[i]` is window i's float32 logits of shape (M, B, A)."""
+    def __call__(self, stacks: Sequence[np.ndarray], deterministic: Sequence[bool],
+                 weights: Sequence[np.ndarray | None] | None = None) -> list[Result]:
+        """Aggregate windows; `stacks[i]` is window i's float32 logits of shape (M, B, A).
+
+        `weights[i]`, when given and not None, holds window i's per-model weights (M,).
+        """
         results: list[Result | None] = [None] * len(stacks)
         groups: dict[tuple[int, ...], list[int]] = {}
         for i, s in enumerate(stacks):
@@ -47,31 +71,122 @@ class SumProbs:
         for idx in groups.values():
             x = torch.from_numpy(np.stack([stacks[i] for i in idx]))   # (W, M, B, A)
             det = torch.tensor([deterministic[i] for i in idx])
-            actions, credit = self._kernel(x, det)
+            w = None
+            if weights is not None and any(weights[i] is not None for i in idx):
+                m = x.shape[1]
+                w = torch.from_numpy(np.stack([
+                    weights[i] if weights[i] is not None else np.ones(m, np.float32)
+                    for i in idx]).astype(np.float32))                   # (W, M)
+            actions, credit, agree = self._run(x, det, w)
             for j, i in enumerate(idx):
-                results[i] = Result(actions[j], credit[j])
+                results[i] = Result(actions[j], credit[j], agree[j])
         return results  # type: ignore[return-value]
 
-    def _kernel(self, x: torch.Tensor, det: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        probs = torch.softmax(x, dim=-1)                 # (W, M, B, A)
-        total = probs.sum(dim=1)                         # (W, B, A)
-        actions = torch.argmax(total, dim=-1)            # (W, B)
+    def _run(self, x: torch.Tensor, det: torch.Tensor, w: torch.Tensor | None
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        probs = torch.softmax(x, dim=-1)                                 # (W, M, B, A)
+        support, score = self.support(x, probs, w)
+        actions = torch.argmax(score, dim=-1)                            # (W, B)
         if not bool(det.all()):
             rows = ~det
-            t = total[rows]                              # (w, B, A)
-            drawn = torch.multinomial(t.reshape(-1, t.shape[-1]), 1, generator=self.generator)
-            actions[rows] = drawn.reshape(t.shape[0], t.shape[1])
-        w, m, b, _ = probs.shape
-        idx = actions.reshape(w, 1, b, 1).expand(w, m, b, 1)
-        chosen = probs.gather(-1, idx).squeeze(-1)                       # (W, M, B)
-        chosen_total = total.gather(-1, actions.unsqueeze(-1)).squeeze(-1)  # (W, B)
-        credit = chosen / chosen_total.unsqueeze(1)
-        return actions.numpy(), credit.numpy()
+            drawn = self.sample(score[rows], support[rows])
+            actions[rows] = drawn
+        w_, m, b, _ = probs.shape
+        idx = actions.reshape(w_, 1, b, 1).expand(w_, m, b, 1)
+        chosen = support.gather(-1, idx).squeeze(-1)                     # (W, M, B)
+        total = chosen.sum(dim=1, keepdim=True)
+        if bool((total <= 0).any()):
+            # Nobody supported the action taken (a sampled action no model voted for):
+            # fall back to each model's probability of it.
+            weighted = probs if w is None else probs * w[:, :, None, None]
+            fallback = weighted.gather(-1, idx).squeeze(-1)
+            chosen = torch.where(total > 0, chosen, fallback)
+            total = chosen.sum(dim=1, keepdim=True)
+        credit = chosen / total
+        agree = x.argmax(dim=-1) == actions.unsqueeze(1)                 # (W, M, B)
+        return actions.numpy(), credit.numpy(), agree.numpy()
+
+    def support(self, x: torch.Tensor, probs: torch.Tensor, w: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(support (W, M, B, A), score (W, B, A)) of this rule."""
+        raise NotImplementedError
+
+    def sample(self, score: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
+        """Draw one action per environment from score (w, B, A): softmax(score / T)."""
+        policy = torch.softmax(score / self.temperature, dim=-1)
+        return self._draw(policy)
+
+    def _draw(self, policy: torch.Tensor) -> torch.Tensor:
+        n, b, a = policy.shape
+        return torch.multinomial(policy.reshape(-1, a), 1, generator=self.generator
+                                 ).reshape(n, b)
 
 
-STRATEGIES = {"sum_probs": SumProbs}
+def _weighted(probs: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
+    return probs if w is None else probs * w[:, :, None, None]
 
 
-def create(strategy: str, seed: int) -> SumProbs:
+class SumProbs(Strategy):
+    name = "sum_probs"
+
+    def support(self, x: torch.Tensor, probs: torch.Tensor, w: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        s = _weighted(probs, w)
+        return s, s.sum(dim=1)
+
+    def sample(self, score: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
+        # Categorical(P / sum P), as the seed: multinomial normalises its rows.
+        return self._draw(score)
+
+
+class BoltzmannAddition(SumProbs):
+    name = "boltzmann_addition"
+
+    def sample(self, score: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
+        if self.temperature == 1.0:
+            return self._draw(score)
+        return self._draw(torch.softmax(torch.log(score) / self.temperature, dim=-1))
+
+
+class BoltzmannMultiplication(Strategy):
+    name = "boltzmann_multiplication"
+
+    def support(self, x: torch.Tensor, probs: torch.Tensor, w: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        xs = x if w is None else x * w[:, :, None, None]
+        return _weighted(probs, w), xs.sum(dim=1)
+
+
+class MajorityVote(Strategy):
+    name = "majority_vote"
+
+    def support(self, x: torch.Tensor, probs: torch.Tensor, w: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        votes = torch.zeros_like(x).scatter_(-1, x.argmax(dim=-1, keepdim=True), 1.0)
+        votes = _weighted(votes, w)
+        return votes, votes.sum(dim=1)
+
+
+class RankVote(Strategy):
+    name = "rank_vote"
+
+    def support(self, x: torch.Tensor, probs: torch.Tensor, w: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        a = x.shape[-1]
+        # Best action first; a stable sort keeps the lower index first among equal logits.
+        order = torch.sort(x, dim=-1, descending=True, stable=True).indices
+        points = torch.arange(a, 0, -1, dtype=x.dtype).expand_as(x).contiguous()
+        ranks = torch.empty_like(x).scatter_(-1, order, points)
+        ranks = _weighted(ranks, w)
+        return ranks, ranks.sum(dim=1)
+
+
+STRATEGIES: dict[str, type[Strategy]] = {
+    s.name: s for s in (SumProbs, BoltzmannAddition, BoltzmannMultiplication, MajorityVote,
+                        RankVote)
+}
+
+
+def create(strategy: str, seed: int = 0, temperature: float = 1.0) -> Strategy:
     """The aggregation rule named in `aggregate.strategy`."""
-    return STRATEGIES[strategy](seed)
+    return STRATEGIES[strategy](seed, temperature)

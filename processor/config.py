@@ -22,7 +22,8 @@ from .errors import ConfigError
 
 ENV_PREFIX = "SWARM_AGG__"
 TRANSPORT_KINDS = ("zmq", "swergio", "memory")
-STRATEGIES = ("sum_probs",)
+STRATEGIES = ("sum_probs", "boltzmann_addition", "boltzmann_multiplication", "majority_vote",
+              "rank_vote")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
@@ -84,6 +85,8 @@ class AggregateConfig:
     strategy: str = "sum_probs"
     deterministic: bool = False  # used when a message carries no DETERMINISTIC
     seed: int = 0
+    temperature: float = 1.0     # T of the Boltzmann rules and of the votes' sampling
+    weights: dict[str, float] = field(default_factory=dict)  # per model; absent = 1.0
 
 
 @dataclass(frozen=True)
@@ -168,6 +171,15 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             else:
                 raise ConfigError(key, f"expected a list of strings, got item {item!r}")
         return out
+    if typing.get_origin(tp) is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(key, f"expected a table of numbers, got {value!r}")
+        table = {}
+        for k, v in value.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ConfigError(f"{key}.{k}", f"expected a number, got {v!r}")
+            table[str(k)] = float(v)
+        return table
     raise ConfigError(key, f"unsupported type {tp!r}")  # pragma: no cover
 
 
@@ -263,6 +275,10 @@ def _validate(cfg: Config) -> None:
          "must be > 0 when window.models = 0 (recent membership needs a deadline)")
     need(a.strategy in STRATEGIES, "aggregate.strategy",
          f"unknown strategy {a.strategy!r} (valid: {', '.join(STRATEGIES)})")
+    need(a.temperature > 0, "aggregate.temperature", "must be > 0")
+    for m, wt in a.weights.items():
+        need(wt >= 0 and wt == wt and wt != float("inf"), f"aggregate.weights.{m}",
+             "must be a finite number >= 0")
     need(0 <= cfg.metrics.port < 65536, "metrics.port", "must be 0..65535")
     need(cfg.metrics.max_models >= 0, "metrics.max_models", "must be >= 0")
     need(cfg.log.level.upper() in LOG_LEVELS, "log.level",
@@ -310,8 +326,8 @@ def to_mapping(obj: Any) -> Any:
     """The plain nested dict of a config."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return {f.name: to_mapping(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, list):
-        return list(obj)
+    if isinstance(obj, (list, dict)):
+        return obj.copy()
     return obj
 
 

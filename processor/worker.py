@@ -28,6 +28,9 @@ from .window import Closed, Windows
 log = logging.getLogger("swarm_aggregator")
 
 IDLE_WAIT = 0.1  # longest receive wait, so a stop request is noticed promptly
+# Evolution commands: GET (report and reset: the seed's), PEEK (report), RESET (reset, no
+# reply), SET_MODEL_WEIGHTS (per-model weights of the aggregation rule, from MODEL_WEIGHTS).
+COMMANDS = frozenset({"GET", "PEEK", "RESET", "SET_MODEL_WEIGHTS"})
 
 
 class RateLimitedLog:
@@ -59,8 +62,11 @@ class Worker:
         self.metrics = metrics or Metrics(max_models=cfg.metrics.max_models)
         self.clock = clock
         self.windows = Windows(cfg.window, start=clock())
-        self.strategy = create_strategy(cfg.aggregate.strategy, cfg.aggregate.seed)
+        a = cfg.aggregate
+        self.strategy = create_strategy(a.strategy, a.seed, a.temperature)
+        self.weights: dict[str, float] = dict(a.weights)
         self.ledger = Ledger()
+        self.known: set[str] = set(cfg.window.model_ids)  # models a window can miss
         self.rejects = RateLimitedLog(cfg.log.rate_limit_s, clock)
         self.key_fields = tuple(cfg.window.key)
         self.default_det = cfg.aggregate.deterministic
@@ -117,10 +123,11 @@ class Worker:
                     except RejectedError as e:
                         self.reject(e.reason, e.detail)
                         continue
-                if obj.get("CMD") == "GET":
+                cmd = obj.get("CMD")
+                if cmd in COMMANDS:
                     await self._flush(pending)
                     pending = []
-                    await self._answer_get(obj)
+                    await self._command(cmd, obj)
         pending += self.windows.expire(self.clock())
         await self._flush(pending)
         self.metrics.open_windows.set(len(self.windows))
@@ -131,8 +138,14 @@ class Worker:
         if not closed:
             return
         todo = []
+        known, roster = self.known, bool(self.cfg.window.model_ids)
         for c in closed:
             self.metrics.closed(c.outcome)
+            models = c.window.models
+            if not roster:
+                known.update(models)
+            if len(models) < len(known):
+                self.ledger.miss(m for m in known if m not in models)
             if c.publish:
                 todo.append(c)
         if not todo:
@@ -141,7 +154,12 @@ class Worker:
         stacks = [_stack(c) for c in todo]
         dets = [c.window.deterministic if c.window.deterministic is not None
                 else self.default_det for c in todo]
-        results = self.strategy(stacks, dets)
+        weights = None
+        if self.weights:
+            w = self.weights
+            weights = [np.array([w.get(m, 1.0) for m in c.window.models], np.float32)
+                       for c in todo]
+        results = self.strategy(stacks, dets, weights)
         self.metrics.aggregation.observe((time.perf_counter() - t0) / len(todo))
         key_fields = self.key_fields
         for c, r in zip(todo, results):
@@ -160,15 +178,41 @@ class Worker:
                 msg.update(stamp)
             await self.transport.publish(self.t_action, encode(msg))
             self.published += 1
+            self.ledger.add(models, r.credit, r.agree)
             credit = r.credit.sum(axis=1) if r.credit.shape[1] > 1 else r.credit[:, 0]
-            self.ledger.add(models, credit)
             now = self.clock()
             self.metrics.published(now - win.first_at, now - win.last_at, r.credit.shape[1])
             self.metrics.credit(models, credit.tolist())
 
-    async def _answer_get(self, request: dict[str, Any]) -> None:
-        self.metrics.evolution.labels("GET").inc()
-        reply: dict[str, Any] = {"CONTRIBUTION": self.ledger.take()}
+    async def _command(self, cmd: str, request: dict[str, Any]) -> None:
+        """Answer one evolution command (see COMMANDS)."""
+        self.metrics.evolution.labels(cmd if cmd == "GET" else "other").inc()
+        rid = request.get("REQUEST_ID")
+        rid = str(rid) if isinstance(rid, (str, int)) and not isinstance(rid, bool) else None
+        name = self.strategy.name
+        reply: dict[str, Any]
+        if cmd == "GET":
+            reply = dict(self.ledger.take(rid, name))
+        elif cmd == "PEEK":
+            reply = self.ledger.report(name)
+        elif cmd == "RESET":
+            self.ledger.reset()
+            return
+        else:  # SET_MODEL_WEIGHTS
+            new = request.get("MODEL_WEIGHTS")
+            if not isinstance(new, dict) or not all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1e30
+                    for v in new.values()):
+                self.reject("bad_command", "MODEL_WEIGHTS must map models to numbers >= 0",
+                            component_id(request))
+                return
+            self.weights.update({str(k): float(v) for k, v in new.items()})
+            reply = {"MODEL_WEIGHTS": dict(self.weights)}
+        if rid is not None:
+            reply["REQUEST_ID"] = rid
+        await self._reply(reply, request)
+
+    async def _reply(self, reply: dict[str, Any], request: dict[str, Any]) -> None:
         stamp = self.transport.stamp(self.t_evolution)
         if stamp:
             for f in ("ROOT_ID", "MODEL_STATUS"):

@@ -135,5 +135,7 @@ def test_ledger_get_and_reset():
     led.add(["b", "c"], np.array([[0.5, 0.1], [0.5, 0.9]], dtype=np.float32))
     assert led.peek() == pytest.approx({"a": 0.25, "b": 1.35, "c": 1.4})
     assert led.steps == 3
-    assert led.take() == pytest.approx({"a": 0.25, "b": 1.35, "c": 1.4})
-    assert led.take() == {}
+    report = led.take()
+    assert report["CONTRIBUTION"] == pytest.approx({"a": 0.25, "b": 1.35, "c": 1.4})
+    assert report["STEPS"] == 3 and report["EPOCH"] == 0
+    assert led.take()["CONTRIBUTION"] == {}

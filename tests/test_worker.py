@@ -88,11 +88,13 @@ async def test_lockstep_steps_actions_and_get_reset():
                 expected[str(m)] = expected.get(str(m), 0.0) + float(credit[m, 0])
         rig.send({"CMD": "GET"}, "evolution")
         reply = await rig.next("evolution")
-        assert set(reply) == {"CONTRIBUTION"}
         assert reply["CONTRIBUTION"] == pytest.approx(expected, abs=1e-5)
         assert sum(reply["CONTRIBUTION"].values()) == pytest.approx(30, abs=1e-4)
+        assert reply["STEPS"] == 30 and reply["EPOCH"] == 0
+        assert reply["STRATEGY"] == "sum_probs"
         rig.send({"CMD": "GET"}, "evolution")
-        assert (await rig.next("evolution")) == {"CONTRIBUTION": {}}
+        again = await rig.next("evolution")
+        assert again["CONTRIBUTION"] == {} and again["STEPS"] == 0 and again["EPOCH"] == 1
 
 
 async def test_get_in_the_same_burst_counts_the_windows_before_it():
@@ -173,7 +175,7 @@ async def test_evolution_traffic_that_is_not_get_is_ignored():
         await rig.nothing(0.2)
         assert rig.rejected("not_json") == 0
         rig.send({"CMD": "GET"}, "evolution")
-        assert (await rig.next("evolution")) == {"CONTRIBUTION": {}}
+        assert (await rig.next("evolution"))["CONTRIBUTION"] == {}
 
 
 async def test_stop_publishes_windows_with_quorum():
@@ -212,3 +214,74 @@ async def test_metrics_count_the_traffic():
         assert get("swarm_aggregator_contribution_total", {"model": "a"}) == pytest.approx(2.5)
         assert get("swarm_aggregator_step_latency_seconds_count", {"since": "first"}) == 5
         assert get("swarm_aggregator_open_windows") == 0
+
+
+async def send_steps(rig, xs, det=True):
+    for x in xs:
+        for m in range(x.shape[0]):
+            rig.send({"LOGITS": x[m].tolist(), "COMPONENT_ID": f"m{m}", "DETERMINISTIC": det})
+        await rig.next("action")
+
+
+async def test_peek_reset_and_idempotent_get():
+    rng = np.random.default_rng(4)
+    async with Rig(window={"models": 3, "timeout_ms": 0}) as rig:
+        await send_steps(rig, [logits_for(rng, 3) for _ in range(5)])
+        rig.send({"CMD": "PEEK"}, "evolution")
+        peek = await rig.next("evolution")
+        assert peek["STEPS"] == 5 and peek["EPOCH"] == 0
+        rig.send({"CMD": "GET", "REQUEST_ID": "r1"}, "evolution")
+        first = await rig.next("evolution")
+        assert first["CONTRIBUTION"] == pytest.approx(peek["CONTRIBUTION"])
+        assert first["REQUEST_ID"] == "r1" and first["STEPS"] == 5
+        await send_steps(rig, [logits_for(rng, 3) for _ in range(2)])
+        # the reply was "lost": the same request again gets the same snapshot
+        rig.send({"CMD": "GET", "REQUEST_ID": "r1"}, "evolution")
+        repeat = await rig.next("evolution")
+        assert repeat["CONTRIBUTION"] == first["CONTRIBUTION"] and repeat["STEPS"] == 5
+        assert repeat["EPOCH"] == 0
+        rig.send({"CMD": "GET", "REQUEST_ID": "r2"}, "evolution")
+        second = await rig.next("evolution")
+        assert second["STEPS"] == 2 and second["EPOCH"] == 1
+        await send_steps(rig, [logits_for(rng, 3)])
+        rig.send({"CMD": "RESET"}, "evolution")
+        rig.send({"CMD": "PEEK"}, "evolution")
+        after = await rig.next("evolution")
+        assert after["STEPS"] == 0 and after["CONTRIBUTION"] == {} and after["EPOCH"] == 3
+
+
+async def test_agreement_and_missed_windows_are_reported():
+    async with Rig(window={"models": 3, "key": ["STEP"], "timeout_ms": 30}) as rig:
+        # m0 and m1 favour action 0, m2 action 1: the action is 0
+        for step in range(4):
+            for m, row in enumerate([[2.0, 0.0], [2.0, 0.0], [0.0, 2.0]]):
+                if step == 3 and m == 2:
+                    continue  # m2 misses the last window (it closes at the deadline)
+                rig.send({"LOGITS": row, "COMPONENT_ID": f"m{m}", "DETERMINISTIC": True,
+                          "STEP": step})
+            assert (await rig.next("action"))["ACTION"] == [0]
+        rig.send({"CMD": "GET"}, "evolution")
+        r = await rig.next("evolution")
+        assert r["AGREEMENT"] == {"m0": 1.0, "m1": 1.0, "m2": 0.0}
+        assert r["MISSED"] == {"m2": 1}
+
+
+async def test_model_weights_at_run_time_change_the_action():
+    async with Rig(window={"models": 2, "timeout_ms": 0},
+                   aggregate={"weights": {"b": 3.0}}) as rig:
+        def step():
+            rig.send({"LOGITS": [3.0, 0.0], "COMPONENT_ID": "a", "DETERMINISTIC": True})
+            rig.send({"LOGITS": [0.0, 1.0], "COMPONENT_ID": "b", "DETERMINISTIC": True})
+        # P = 1 * softmax(a) + 3 * softmax(b): a gives 0.95 to action 0, b 0.73 to action 1
+        step()
+        assert (await rig.next("action"))["ACTION"] == [1]
+        rig.send({"CMD": "SET_MODEL_WEIGHTS", "MODEL_WEIGHTS": {"b": 1.0}}, "evolution")
+        ack = orjson.loads((await rig.evo.get(2))[1])       # the peer's own request
+        while "MODEL_WEIGHTS" not in ack or ack.get("CMD"):
+            ack = orjson.loads((await rig.evo.get(2))[1])
+        assert ack["MODEL_WEIGHTS"] == {"b": 1.0}
+        step()
+        assert (await rig.next("action"))["ACTION"] == [0]
+        rig.send({"CMD": "SET_MODEL_WEIGHTS", "MODEL_WEIGHTS": {"b": "heavy"}}, "evolution")
+        await asyncio.sleep(0.05)
+        assert rig.rejected("bad_command") == 1

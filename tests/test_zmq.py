@@ -41,7 +41,7 @@ def test_worker_over_zmq_serves_steps_and_get_and_stops_on_sigterm():
     with process(cli("run"), env) as proc:
         peer = ZmqPeer(f"tcp://127.0.0.1:{sub}", f"tcp://127.0.0.1:{pub}")
         try:
-            assert peer.handshake() == {"CONTRIBUTION": {}}
+            assert peer.handshake()["CONTRIBUTION"] == {}
             expected = run_steps(peer, np.random.default_rng(0), 200, 5)
             peer.send("evolution", {"CMD": "GET"})
             reply = peer.recv("evolution")
