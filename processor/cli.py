@@ -121,6 +121,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
                     batch=args.batch, seed=args.seed, quiet=args.quiet)
 
 
+def cmd_study(args: argparse.Namespace) -> int:
+    from .study import run_study
+
+    run_study(steps=args.steps, actions=args.actions, batch=args.batch, good=args.good,
+              noisy=args.noisy, adversarial=args.adversarial, seed=args.seed,
+              png=args.png or None, json_path=args.json)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="swarm-aggregator",
@@ -160,6 +169,23 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--xpub", default="tcp://127.0.0.1:5558",
                    help="where subscribers connect (default %(default)s)")
     x.set_defaults(func=cmd_proxy)
+
+    s = sub.add_parser("study", help="compare the aggregation rules on a mixed swarm",
+                       description="Run the demo's toy environment, without a transport, "
+                                   "with good, noisy and adversarial models under every "
+                                   "aggregation rule; report reward and how well each "
+                                   "rule's contribution ranking matches true quality.")
+    s.add_argument("--steps", type=int, default=3000, help="steps per rule (default 3000)")
+    s.add_argument("--actions", type=int, default=6, help="actions A (default 6)")
+    s.add_argument("--batch", type=int, default=1, help="environments per step (default 1)")
+    s.add_argument("--good", type=int, default=4, help="good models (default 4)")
+    s.add_argument("--noisy", type=int, default=4, help="noisy models (default 4)")
+    s.add_argument("--adversarial", type=int, default=2, help="adversarial models (default 2)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--png", default="study.png",
+                   help="plot file (needs matplotlib; '' for none; default %(default)s)")
+    s.add_argument("--json", help="also write the figures as JSON to this file")
+    s.set_defaults(func=cmd_study)
 
     c = sub.add_parser("check-config", help="validate a config file and print its summary",
                        description="Load the config (file plus SWARM_AGG__* variables), "

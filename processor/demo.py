@@ -54,6 +54,21 @@ def skills_for(models: int, seed: int) -> dict[str, float]:
     return {names[j]: float(levels[k]) for k, j in enumerate(order)}
 
 
+def toy_logits(rng: np.random.Generator, skill: np.ndarray, target: np.ndarray,
+               actions: int) -> np.ndarray:
+    """Logits (M, B, A) of models that know each target with probability skill_m.
+
+    A model that knows favours the target, one that does not favours a random action:
+    the favoured action's logit is 3 on a background of standard normal noise.
+    """
+    m, b = len(skill), len(target)
+    knows = rng.random((m, b)) < skill[:, None]
+    favoured = np.where(knows, target[None, :], rng.integers(actions, size=(m, b)))
+    logits = rng.normal(0.0, 1.0, (m, b, actions))
+    np.put_along_axis(logits, favoured[:, :, None], 3.0, axis=2)
+    return logits
+
+
 class Simulation:
     """Models and environment, driven from a thread over synchronous ZeroMQ sockets."""
 
@@ -127,10 +142,7 @@ class Simulation:
         step = 0
         while not self.stop.is_set() and (self.steps == 0 or step < self.steps):
             target = self.rng.integers(a, size=b)
-            knows = self.rng.random((len(names), b)) < skill[:, None]
-            favoured = np.where(knows, target[None, :], self.rng.integers(a, size=(len(names), b)))
-            logits = self.rng.normal(0.0, 1.0, (len(names), b, a))
-            np.put_along_axis(logits, favoured[:, :, None], 3.0, axis=2)
+            logits = toy_logits(self.rng, skill, target, a)
             for i, n in enumerate(names):
                 rows: Any = logits[i].tolist() if b > 1 else logits[i, 0].tolist()
                 self.pub.send_multipart([b"logits", orjson.dumps(
