@@ -121,6 +121,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
                     batch=args.batch, seed=args.seed, quiet=args.quiet)
 
 
+def cmd_keys(args: argparse.Namespace) -> int:
+    from transports.zeromq import generate_keys
+
+    public, secret = generate_keys(args.dir, args.name)
+    print(f"public key (give to the other side): {public}\n"
+          f"secret key (keep; only this process reads it): {secret}")
+    return 0
+
+
 def cmd_study(args: argparse.Namespace) -> int:
     from .study import run_study
 
@@ -169,6 +178,15 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--xpub", default="tcp://127.0.0.1:5558",
                    help="where subscribers connect (default %(default)s)")
     x.set_defaults(func=cmd_proxy)
+
+    k = sub.add_parser("keys", help="generate a CurveZMQ key pair",
+                       description="Write NAME.key (public) and NAME.key_secret (secret) into "
+                                   "DIR. The worker's secret file goes in "
+                                   "transport.zmq.curve_secret_file; each peer's public file "
+                                   "goes in the folder transport.zmq.curve_clients_dir.")
+    k.add_argument("--dir", default="keys", help="folder for the files (default %(default)s)")
+    k.add_argument("--name", default="worker", help="file name stem (default %(default)s)")
+    k.set_defaults(func=cmd_keys)
 
     s = sub.add_parser("study", help="compare the aggregation rules on a mixed swarm",
                        description="Run the demo's toy environment, without a transport, "

@@ -36,6 +36,10 @@ class ZmqConfig:
     pub_bind: bool = True
     rcvhwm: int = 100_000  # messages queued per peer before ZeroMQ drops (counted by peers)
     sndhwm: int = 100_000
+    # CurveZMQ (see `swarm-aggregator keys`): the worker's secret certificate turns it on.
+    curve_secret_file: str = ""
+    curve_clients_dir: str = ""         # public certificates of the peers let in (bound sockets)
+    curve_server_public_file: str = ""  # the server's public certificate (connected sockets)
 
 
 @dataclass(frozen=True)
@@ -258,6 +262,13 @@ def _validate(cfg: Config) -> None:
         addr = getattr(t.zmq, k)
         need("://" in addr, f"transport.zmq.{k}", f"not a ZeroMQ endpoint: {addr!r}")
     need(t.zmq.rcvhwm >= 0, "transport.zmq.rcvhwm", "must be >= 0")
+    if t.zmq.curve_secret_file:
+        need(bool(t.zmq.curve_clients_dir) or not (t.zmq.sub_bind or t.zmq.pub_bind),
+             "transport.zmq.curve_clients_dir",
+             "must name the folder of allowed peers' public certificates when CURVE is on")
+        need(bool(t.zmq.curve_server_public_file) or (t.zmq.sub_bind and t.zmq.pub_bind),
+             "transport.zmq.curve_server_public_file",
+             "must name the server's public certificate for sockets that connect")
     need(t.zmq.sndhwm >= 0, "transport.zmq.sndhwm", "must be >= 0")
     for k in ("logits", "action", "evolution"):
         need(bool(getattr(cfg.topics, k)), f"topics.{k}", "must not be empty")

@@ -6,18 +6,26 @@ subscriber's queue holds `rcvhwm` messages, further ones are dropped by ZeroMQ w
 notice to either side. Each message is two frames, `[topic, JSON payload]`; the topic frame
 must equal a configured topic exactly (ZeroMQ's subscription is a prefix match).
 Each socket binds or connects by config; bind to loopback unless told otherwise.
+
+Security: with `curve_secret_file` set, both sockets speak CurveZMQ. A socket that binds
+is a CURVE server and lets in only peers whose public certificate lies in
+`curve_clients_dir` (ZeroMQ's ZAP handshake refuses the rest before any message flows); a
+socket that connects is a CURVE client of the server named by `curve_server_public_file`.
+Certificates come from `swarm-aggregator keys`. Without CURVE, traffic is plain TCP.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
 import zmq
 
 from processor.config import Config
+from processor.errors import ConfigError
 
 from .base import MAX_BURST, Envelope, RejectHook
 
@@ -37,6 +45,7 @@ class ZmqTransport:
         self._sub: zmq.Socket | None = None
         self._pub: zmq.Socket | None = None
         self._readable = asyncio.Event()
+        self._auth: Any = None
 
     async def __aenter__(self) -> Self:
         c = self.cfg
@@ -50,6 +59,14 @@ class ZmqTransport:
         pub.setsockopt(zmq.SNDHWM, c.sndhwm)
         for topic in self.topics:
             sub.setsockopt(zmq.SUBSCRIBE, topic)
+        if c.curve_secret_file:
+            try:
+                self._curve(sub, c.sub_bind)
+                self._curve(pub, c.pub_bind)
+            except BaseException:
+                sub.close(0)
+                pub.close(0)
+                raise
         try:
             self.sub_endpoint = _attach(sub, c.sub, c.sub_bind)
             self.pub_endpoint = _attach(pub, c.pub, c.pub_bind)
@@ -63,9 +80,34 @@ class ZmqTransport:
         self.ready = True
         return self
 
+    def _curve(self, sock: zmq.Socket, server: bool) -> None:
+        c = self.cfg
+        public, secret = _certificate(c.curve_secret_file, "transport.zmq.curve_secret_file")
+        if secret is None:
+            raise ConfigError("transport.zmq.curve_secret_file", "holds no secret key")
+        sock.curve_publickey, sock.curve_secretkey = public, secret
+        if server:
+            if self._auth is None:
+                if not Path(c.curve_clients_dir).is_dir():
+                    raise ConfigError("transport.zmq.curve_clients_dir",
+                                      f"not a folder: {c.curve_clients_dir!r}")
+                from zmq.auth.thread import ThreadAuthenticator
+
+                self._auth = ThreadAuthenticator(self.ctx)
+                self._auth.start()
+                self._auth.configure_curve(domain="*", location=c.curve_clients_dir)
+            sock.curve_server = True
+        else:
+            server_key, _ = _certificate(c.curve_server_public_file,
+                                         "transport.zmq.curve_server_public_file")
+            sock.curve_serverkey = server_key
+
     async def __aexit__(self, exc_type: type[BaseException] | None,
                         exc: BaseException | None, tb: TracebackType | None) -> None:
         self.ready = False
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
         if self._sub is not None:
             asyncio.get_running_loop().remove_reader(self._sub.FD)
             self._sub.close()
@@ -110,6 +152,26 @@ class ZmqTransport:
 
     def stamp(self, topic: str) -> dict[str, Any] | None:
         return None
+
+
+def _certificate(path: str, key: str) -> tuple[bytes, bytes | None]:
+    import zmq.auth
+
+    try:
+        public, secret = zmq.auth.load_certificate(path)
+    except (OSError, ValueError) as e:
+        raise ConfigError(key, f"cannot read certificate {path!r}: {e}") from None
+    return public, secret
+
+
+def generate_keys(folder: str, name: str) -> tuple[str, str]:
+    """A CURVE key pair in `folder`: NAME.key (public, to share) and NAME.key_secret."""
+    import zmq.auth
+
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    public, secret = zmq.auth.create_certificates(folder, name)
+    Path(secret).chmod(0o600)
+    return str(public), str(secret)
 
 
 def _attach(sock: zmq.Socket, endpoint: str, bind: bool) -> str:
