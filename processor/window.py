@@ -13,7 +13,7 @@ the tests need neither an event loop nor sleeps.
   `window.min_models` models closes as `partial` (it is published, marked PARTIAL), one
   with fewer is `dropped`.
 - Cap: at most `window.max_open` open windows; opening one more closes the oldest first
-  (`evicted`; published as PARTIAL when it has its quorum).
+  (`evicted`; published as PARTIAL when it has its quorum, else discarded).
 """
 
 from __future__ import annotations
@@ -48,10 +48,7 @@ class Window:
 class Closed:
     window: Window
     outcome: str
-
-    @property
-    def publish(self) -> bool:
-        return self.outcome != DROPPED
+    publish: bool  # complete, or closed early with its quorum
 
     @property
     def partial(self) -> bool:
@@ -146,13 +143,14 @@ class Windows:
         return closed
 
     def _close(self, win: Window, outcome: str) -> Closed:
-        if outcome != COMPLETE and len(win.models) < self.min_models:
+        publish = outcome == COMPLETE or len(win.models) >= self.min_models
+        if outcome == PARTIAL and not publish:
             outcome = DROPPED
         if self.keyed and self.cfg.late_memory:
             self.closed_keys[win.key] = None
             if len(self.closed_keys) > self.cfg.late_memory:
                 self.closed_keys.popitem(last=False)
-        return Closed(win, outcome)
+        return Closed(win, outcome, publish)
 
     def _covers(self, win: Window, now: float) -> bool:
         if now - self._active_at > self.cfg.recent_s / 100:

@@ -114,7 +114,7 @@ def test_cap_closes_the_oldest_window_first():
     (c,) = w.add(msg("a", (3,)), 0.2)   # opening a third closes (1,): has its quorum
     assert c.window.key == (1,) and c.outcome == EVICTED and c.publish and c.partial
     (d,) = w.add(msg("a", (4,)), 0.3)   # then (2,): one model, below quorum
-    assert d.window.key == (2,) and d.outcome == DROPPED
+    assert d.window.key == (2,) and d.outcome == EVICTED and not d.publish
     assert list(w.open) == [(3,), (4,)]
 
 

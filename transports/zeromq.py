@@ -54,8 +54,10 @@ class ZmqTransport:
         for s in (sub, pub):
             s.setsockopt(zmq.LINGER, 500)
         sub.setsockopt(zmq.RCVHWM, c.rcvhwm)
-        # Refused by ZeroMQ before it reaches Python: the size limit on every frame.
-        sub.setsockopt(zmq.MAXMSGSIZE, self.max_bytes + 1024)
+        # Up to 4x the limit a message reaches Python and is counted as too_large; past that
+        # ZeroMQ refuses it while reading and drops the sender's connection (the sender
+        # reconnects by itself), so no peer can make the worker hold a huge frame.
+        sub.setsockopt(zmq.MAXMSGSIZE, 4 * self.max_bytes + (1 << 20))
         pub.setsockopt(zmq.SNDHWM, c.sndhwm)
         for topic in self.topics:
             sub.setsockopt(zmq.SUBSCRIBE, topic)
@@ -140,6 +142,9 @@ class ZmqTransport:
                 continue  # another topic that merely starts with ours (prefix match)
             if len(frames) != 2:
                 self.on_reject("bad_frame", f"{len(frames)} frames on topic {topic!r}, not 2")
+                continue
+            if len(frames[1]) > self.max_bytes:
+                self.on_reject("too_large", f"{len(frames[1])} bytes > {self.max_bytes}")
                 continue
             out.append((topic, frames[1], now))
         return out
