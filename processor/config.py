@@ -21,7 +21,7 @@ from typing import Any
 from .errors import ConfigError
 
 ENV_PREFIX = "SWARM_AGG__"
-TRANSPORT_KINDS = ("zmq", "swergio", "memory")
+TRANSPORT_KINDS = ("zmq", "swergio", "nats", "memory")
 STRATEGIES = ("sum_probs", "boltzmann_addition", "boltzmann_multiplication", "majority_vote",
               "rank_vote")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -58,11 +58,36 @@ class MemoryConfig:
 
 
 @dataclass(frozen=True)
+class NatsConfig:
+    """NATS JetStream (scale-out): see transports/natsio.py for the subjects and streams."""
+
+    servers: list[str] = field(default_factory=lambda: ["nats://127.0.0.1:4222"])
+    stream: str = "SWARM_LOGITS"         # logits, partitioned by step key
+    action_stream: str = "SWARM_ACTIONS"  # actions, de-duplicated by Nats-Msg-Id
+    partitions: int = 8                  # P
+    workers: int = 1                     # K: this worker owns partitions p % K == index
+    index: int = 0                       # this worker's index k, 0 <= k < K
+    worker_id: str = ""                  # tags evolution replies; default host-pid
+    ack_wait_s: float = 10.0             # redelivery after this long without an ack
+    max_deliver: int = 5                 # deliveries before a message goes to dead letters
+    dead_letter_subject: str = "swarm.dead"
+    duplicate_window_s: float = 120.0    # the action stream's de-duplication window
+    create: bool = True                  # create streams and consumers when missing
+    user: str = ""
+    password: str = field(default="", repr=False)
+    token: str = field(default="", repr=False)
+    tls_ca: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+
+
+@dataclass(frozen=True)
 class TransportConfig:
     kind: str = "zmq"
     zmq: ZmqConfig = field(default_factory=ZmqConfig)
     swergio: SwergioConfig = field(default_factory=SwergioConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
+    nats: NatsConfig = field(default_factory=NatsConfig)
 
 
 @dataclass(frozen=True)
@@ -135,6 +160,10 @@ class Config:
                      f"pub={t.zmq.pub} ({'bind' if t.zmq.pub_bind else 'connect'})")
         elif t.kind == "swergio":
             where = f"server={t.swergio.host}:{t.swergio.port} name={t.swergio.name}"
+        elif t.kind == "nats":
+            n = t.nats
+            where = (f"servers={','.join(n.servers)} stream={n.stream} partitions={n.partitions}"
+                     f" worker={n.index}/{n.workers}")
         else:
             where = f"bus={t.memory.bus}"
         w = self.window
@@ -270,6 +299,18 @@ def _validate(cfg: Config) -> None:
              "transport.zmq.curve_server_public_file",
              "must name the server's public certificate for sockets that connect")
     need(t.zmq.sndhwm >= 0, "transport.zmq.sndhwm", "must be >= 0")
+    n = t.nats
+    need(bool(n.servers), "transport.nats.servers", "must name at least one server")
+    need(n.partitions >= 1, "transport.nats.partitions", "must be >= 1")
+    need(1 <= n.workers <= n.partitions, "transport.nats.workers",
+         "must be 1..transport.nats.partitions")
+    need(0 <= n.index < n.workers, "transport.nats.index", "must be 0..workers-1")
+    need(n.ack_wait_s > 0, "transport.nats.ack_wait_s", "must be > 0")
+    need(n.max_deliver >= 1, "transport.nats.max_deliver", "must be >= 1")
+    need(n.duplicate_window_s > 0, "transport.nats.duplicate_window_s", "must be > 0")
+    if t.kind == "nats":
+        need(bool(w.key), "window.key", "must name the step-key fields on NATS (lockstep "
+             "windows cannot be partitioned)")
     for k in ("logits", "action", "evolution"):
         need(bool(getattr(cfg.topics, k)), f"topics.{k}", "must not be empty")
     need(len({cfg.topics.logits, cfg.topics.action, cfg.topics.evolution}) == 3, "topics",

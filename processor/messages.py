@@ -28,6 +28,7 @@ class Logits:
     deterministic: bool | None    # None: the config default decides
     key: tuple[Any, ...]          # the step key's values, () in lockstep mode
     extra: dict[str, Any] | None  # ROOT_ID / MODEL_STATUS, when present
+    token: Any = None             # the transport's delivery token (acknowledging transports)
 
 
 def decode_object(payload: bytes, max_bytes: int) -> dict[str, Any]:

@@ -42,6 +42,7 @@ class Window:
     deterministic: bool | None = None  # of the last accepted message (the seed's rule)
     last_at: float = 0.0
     extra: dict[str, Any] | None = None
+    tokens: list[Any] | None = None  # delivery tokens of its messages, to settle when done
 
 
 @dataclass(slots=True)
@@ -108,6 +109,10 @@ class Windows:
             raise RejectedError("shape", f"shape {msg.logits.shape} in a window of {win.shape}",
                                 msg.model)
         win.models[msg.model] = msg.logits
+        if msg.token is not None:
+            if win.tokens is None:
+                win.tokens = []
+            win.tokens.append(msg.token)
         win.deterministic = msg.deterministic
         win.last_at = now
         if msg.extra is not None:

@@ -74,6 +74,7 @@ class Worker:
         self.t_logits, self.t_action, self.t_evolution = t.logits, t.action, t.evolution
         self.limits = cfg.limits
         self.published = 0
+        self.acks = bool(getattr(transport, "acks", False))
 
     # -- intake -------------------------------------------------------------------------
 
@@ -81,11 +82,12 @@ class Worker:
         self.metrics.reject(reason)
         self.rejects.reject(reason, detail, sender)
 
-    async def handle(self, batch: list[tuple[str | None, bytes, float]]) -> None:
+    async def handle(self, batch: list[tuple[str | None, bytes, float, Any]]) -> None:
         """Process one burst of envelopes."""
         pending: list[Closed] = []
+        settled: list[Any] = []  # tokens of rejected messages (acknowledging transports)
         lim = self.limits
-        for topic, payload, at in batch:
+        for topic, payload, at, token in batch:
             obj: dict[str, Any] | None = None
             if topic is None:
                 # The room is inside the body (swergio): look before parsing, since most
@@ -110,10 +112,13 @@ class Worker:
                     if obj is None:
                         obj = decode_object(payload, lim.max_message_bytes)
                     msg = parse_logits(obj, self.key_fields, lim.max_actions, lim.max_batch)
+                    msg.token = token
                     pending += self.windows.add(msg, at)
                 except RejectedError as e:
                     self.reject(e.reason, e.detail, e.sender or
                                 (component_id(obj) if obj is not None else None))
+                    if token is not None:
+                        settled.append(token)
             elif topic == self.t_evolution:
                 if obj is None:
                     if b'"CMD"' not in payload:
@@ -130,6 +135,8 @@ class Worker:
                     await self._command(cmd, obj)
         pending += self.windows.expire(self.clock())
         await self._flush(pending)
+        if settled:
+            await self.transport.settle(settled)
         self.metrics.open_windows.set(len(self.windows))
 
     # -- output -------------------------------------------------------------------------
@@ -138,9 +145,12 @@ class Worker:
         if not closed:
             return
         todo = []
+        tokens: list[Any] = []
         known, roster = self.known, bool(self.cfg.window.model_ids)
         for c in closed:
             self.metrics.closed(c.outcome)
+            if c.window.tokens:
+                tokens += c.window.tokens
             models = c.window.models
             if not roster:
                 known.update(models)
@@ -148,8 +158,13 @@ class Worker:
                 self.ledger.miss(m for m in known if m not in models)
             if c.publish:
                 todo.append(c)
-        if not todo:
-            return
+        if todo:
+            await self._publish(todo)
+        if tokens:
+            # Only now: a message is acknowledged once its window's action is out.
+            await self.transport.settle(tokens)
+
+    async def _publish(self, todo: list[Closed]) -> None:
         t0 = time.perf_counter()
         stacks = [_stack(c) for c in todo]
         dets = [c.window.deterministic if c.window.deterministic is not None
@@ -176,7 +191,8 @@ class Worker:
             stamp = self.transport.stamp(self.t_action)
             if stamp:
                 msg.update(stamp)
-            await self.transport.publish(self.t_action, encode(msg))
+            dedup = "|".join(map(str, win.key)) if self.acks else None
+            await self.transport.publish(self.t_action, encode(msg), dedup)
             self.published += 1
             self.ledger.add(models, r.credit, r.agree)
             credit = r.credit.sum(axis=1) if r.credit.shape[1] > 1 else r.credit[:, 0]
@@ -239,7 +255,10 @@ class Worker:
                     batch = await self.transport.receive(wait)
                     await self.handle(batch)
             finally:
-                await self._flush(self.windows.close_all())
+                if not self.acks:
+                    await self._flush(self.windows.close_all())
+                # An acknowledging transport redelivers the open windows' messages to
+                # whichever worker serves their partition next: nothing to publish here.
                 self.metrics.ready.set(0)
 
 

@@ -57,7 +57,7 @@ class Rig:
         """No action and no evolution reply within that time."""
         with pytest.raises(TimeoutError):
             await self.out.get(within)
-        assert not any(b"CONTRIBUTION" in p for _, p, _ in self.evo.drain())
+        assert not any(b"CONTRIBUTION" in e[1] for e in self.evo.drain())
 
     def rejected(self, reason):
         return self.metrics.registry.get_sample_value(

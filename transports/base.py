@@ -4,10 +4,16 @@
         batch = await transport.receive(0.1)   # what is ready now, [] after the timeout
         await transport.publish(topic, payload)
 
-An envelope is `(topic, payload, received_at)`: the topic (None when the topic travels
-inside the JSON body, as swergio's `TO_ROOM` does), the raw bytes, and `time.monotonic()`
-when the bytes were read. `receive` drains everything already waiting (up to a burst cap),
+An envelope is `(topic, payload, received_at, token)`: the topic (None when the topic
+travels inside the JSON body, as swergio's `TO_ROOM` does), the raw bytes,
+`time.monotonic()` when the bytes were read, and a delivery token (None unless the
+transport acknowledges). `receive` drains everything already waiting (up to a burst cap),
 so the worker can aggregate the windows of one burst together.
+
+A transport with `acks = True` is at-least-once: the worker hands every token back to
+`settle(tokens)` once the message is done with (its window's action published, its window
+dropped, or the message rejected), and passes each action's step key to `publish` as
+`dedup`, so that a redelivered window is not published twice.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from typing import Any, Protocol, Self
 from processor.config import Config
 from processor.errors import ConfigError
 
-Envelope = tuple[str | None, bytes, float]
+Envelope = tuple[str | None, bytes, float, Any]
 # Called by a transport for input it refuses before the worker sees it (reason, detail).
 RejectHook = Callable[[str, str], None]
 
@@ -28,6 +34,7 @@ TRANSPORTS: dict[str, str] = {
     "zmq": "transports.zeromq:ZmqTransport",
     "swergio": "transports.swergio:SwergioTransport",
     "memory": "transports.memory:MemoryTransport",
+    "nats": "transports.natsio:NatsTransport",
 }
 
 MAX_BURST = 4096
@@ -43,7 +50,7 @@ class Transport(Protocol):
 
     async def receive(self, timeout: float | None) -> list[Envelope]: ...
 
-    async def publish(self, topic: str, payload: bytes) -> bool: ...
+    async def publish(self, topic: str, payload: bytes, dedup: str | None = None) -> bool: ...
 
     def stamp(self, topic: str) -> dict[str, Any] | None:
         """Fields this transport's peers expect in every outgoing message (or None)."""

@@ -69,7 +69,7 @@ class MemoryBus:
     def publish(self, topic: str, payload: bytes) -> None:
         now = time.monotonic()
         for sub in self.subscribers.get(topic, ()):
-            sub.queue.put_nowait((topic, payload, now))
+            sub.queue.put_nowait((topic, payload, now, None))
 
 
 class MemoryTransport:
@@ -102,7 +102,7 @@ class MemoryTransport:
             return []
         return [first, *self._sub.drain(MAX_BURST - 1)]
 
-    async def publish(self, topic: str, payload: bytes) -> bool:
+    async def publish(self, topic: str, payload: bytes, dedup: str | None = None) -> bool:
         self.bus.publish(topic, payload)
         return True
 

@@ -162,7 +162,7 @@ class SwergioTransport:
                 self.on_reject("too_large", f"swergio frame of {n} bytes > {self.max_bytes}")
                 continue
             body = await reader.readexactly(n)
-            inbox.append((None, body, time.monotonic()))
+            inbox.append((None, body, time.monotonic(), None))
             self._has_data.set()
             if len(inbox) >= INBOX_LIMIT:
                 self._has_room.clear()
@@ -192,7 +192,7 @@ class SwergioTransport:
         self._has_room.set()
         return out
 
-    async def publish(self, topic: str, payload: bytes) -> bool:
+    async def publish(self, topic: str, payload: bytes, dedup: str | None = None) -> bool:
         w = self._writer
         if w is None or not self.ready or w.is_closing():
             self.dropped_out += 1

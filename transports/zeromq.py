@@ -146,10 +146,10 @@ class ZmqTransport:
             if len(frames[1]) > self.max_bytes:
                 self.on_reject("too_large", f"{len(frames[1])} bytes > {self.max_bytes}")
                 continue
-            out.append((topic, frames[1], now))
+            out.append((topic, frames[1], now, None))
         return out
 
-    async def publish(self, topic: str, payload: bytes) -> bool:
+    async def publish(self, topic: str, payload: bytes, dedup: str | None = None) -> bool:
         assert self._pub is not None, "use 'async with transport'"
         # PUB never blocks: at the high-water mark ZeroMQ drops for that subscriber.
         self._pub.send_multipart((topic.encode(), payload), zmq.NOBLOCK)
