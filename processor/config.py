@@ -62,7 +62,7 @@ class NatsConfig:
     """NATS JetStream (scale-out): see transports/natsio.py for the subjects and streams."""
 
     servers: list[str] = field(default_factory=lambda: ["nats://127.0.0.1:4222"])
-    stream: str = "SWARM_LOGITS"         # logits, partitioned by step key
+    stream: str = "SWARM_LOGITS"         # logits, partitioned by step key (a work queue)
     action_stream: str = "SWARM_ACTIONS"  # actions, de-duplicated by Nats-Msg-Id
     partitions: int = 8                  # P
     workers: int = 1                     # K: this worker owns partitions p % K == index
@@ -70,9 +70,18 @@ class NatsConfig:
     worker_id: str = ""                  # tags evolution replies; default host-pid
     ack_wait_s: float = 10.0             # redelivery after this long without an ack
     max_deliver: int = 5                 # deliveries before a message goes to dead letters
-    dead_letter_subject: str = "swarm.dead"
+    dead_letter_subject: str = "swarm.dead"  # "" = dead letters are only counted and logged
+    dead_letter_stream: str = "SWARM_DEAD"   # keeps the dead letters; "" = not kept
     duplicate_window_s: float = 120.0    # the action stream's de-duplication window
+    action_max_age_s: float = 3600.0     # actions are kept this long in the action stream
     create: bool = True                  # create streams and consumers when missing
+    storage: str = "file"                # file | memory, for the streams it creates
+    replicas: int = 1                    # stream replicas (3 on a 3-node cluster)
+    max_ack_pending: int = 20000         # unacknowledged messages per partition at most
+    pull_batch: int = 512                # messages per pull request
+    publish_timeout_s: float = 5.0       # an action without PubAck by then is sent again
+    reconnect_wait_s: float = 1.0        # between reconnection attempts (forever)
+    connect_wait_s: float = 30.0         # give up starting after this long without a server
     user: str = ""
     password: str = field(default="", repr=False)
     token: str = field(default="", repr=False)
@@ -274,6 +283,14 @@ def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
     return tree
 
 
+def _nats_name(name: str) -> bool:
+    return bool(name) and all(c.isalnum() or c in "-_" for c in name)
+
+
+def _nats_subject(subject: str) -> bool:
+    return all(tok and not any(c in tok for c in " \t\r\n*>") for tok in subject.split("."))
+
+
 def _validate(cfg: Config) -> None:
     def need(ok: bool, key: str, message: str) -> None:
         if not ok:
@@ -301,6 +318,11 @@ def _validate(cfg: Config) -> None:
     need(t.zmq.sndhwm >= 0, "transport.zmq.sndhwm", "must be >= 0")
     n = t.nats
     need(bool(n.servers), "transport.nats.servers", "must name at least one server")
+    for url in n.servers:
+        need("://" in url, "transport.nats.servers", f"not a NATS URL: {url!r}")
+        # Credentials in a URL would reach the start-up log line: they have keys of their own.
+        need("@" not in url.split("://", 1)[-1], "transport.nats.servers",
+             "must not carry credentials; use transport.nats.user/password or token")
     need(n.partitions >= 1, "transport.nats.partitions", "must be >= 1")
     need(1 <= n.workers <= n.partitions, "transport.nats.workers",
          "must be 1..transport.nats.partitions")
@@ -308,9 +330,34 @@ def _validate(cfg: Config) -> None:
     need(n.ack_wait_s > 0, "transport.nats.ack_wait_s", "must be > 0")
     need(n.max_deliver >= 1, "transport.nats.max_deliver", "must be >= 1")
     need(n.duplicate_window_s > 0, "transport.nats.duplicate_window_s", "must be > 0")
+    need(n.action_max_age_s >= n.duplicate_window_s, "transport.nats.action_max_age_s",
+         "must be >= transport.nats.duplicate_window_s")
+    need(n.storage in ("file", "memory"), "transport.nats.storage", "must be file or memory")
+    need(1 <= n.replicas <= 5, "transport.nats.replicas", "must be 1..5")
+    need(n.max_ack_pending >= 1, "transport.nats.max_ack_pending", "must be >= 1")
+    need(1 <= n.pull_batch <= 10000, "transport.nats.pull_batch", "must be 1..10000")
+    need(n.publish_timeout_s > 0, "transport.nats.publish_timeout_s", "must be > 0")
+    need(n.reconnect_wait_s > 0, "transport.nats.reconnect_wait_s", "must be > 0")
+    need(n.connect_wait_s >= 0, "transport.nats.connect_wait_s", "must be >= 0")
+    need(bool(n.tls_cert) == bool(n.tls_key), "transport.nats.tls_key",
+         "tls_cert and tls_key go together")
+    for k in ("stream", "action_stream", "dead_letter_stream"):
+        name = getattr(n, k)
+        need(_nats_name(name) or (k == "dead_letter_stream" and not name),
+             f"transport.nats.{k}", "must be a stream name (letters, digits, - and _)")
+    need(not n.dead_letter_subject or _nats_subject(n.dead_letter_subject),
+         "transport.nats.dead_letter_subject", "must be a subject without wildcards")
+    need(not n.dead_letter_stream or bool(n.dead_letter_subject),
+         "transport.nats.dead_letter_subject", "must be set when dead_letter_stream is")
     if t.kind == "nats":
         need(bool(w.key), "window.key", "must name the step-key fields on NATS (lockstep "
              "windows cannot be partitioned)")
+        need(w.timeout_ms > 0, "window.timeout_ms", "must be > 0 on NATS: after a worker "
+             "dies, a window whose other messages were already acknowledged closes only "
+             "at its deadline")
+        for k in ("logits", "action", "evolution"):
+            need(_nats_subject(getattr(cfg.topics, k)), f"topics.{k}",
+                 "must be a NATS subject without wildcards or spaces")
     for k in ("logits", "action", "evolution"):
         need(bool(getattr(cfg.topics, k)), f"topics.{k}", "must not be empty")
     need(len({cfg.topics.logits, cfg.topics.action, cfg.topics.evolution}) == 3, "topics",
