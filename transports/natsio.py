@@ -1,0 +1,672 @@
+"""NATS JetStream transport: scale-out over partitions, nothing lost when a worker dies.
+
+Guarantees
+- Logits: at-least-once in. A logits message is acknowledged only once the action of its
+  window is stored in the action stream (PubAck received), or its window is dropped, or the
+  message is rejected. A worker that dies (even SIGKILL) leaves its messages unacknowledged:
+  JetStream redelivers them `ack_wait_s` later to whichever worker serves that partition
+  next, which rebuilds the windows.
+- Actions: exactly-once effect. Each action carries `Nats-Msg-Id: <step key>` (the key
+  values joined by "|"), so the action stream stores a rebuilt window's action only once
+  within `duplicate_window_s`. A step key must therefore not repeat within that window
+  (put an episode or run id in the key when environments restart their step counts).
+- Per partition, one worker at a time (p % workers == index). Windows never span
+  partitions: every message of one window is published on the same subject token.
+- Evolution: core NATS, at-most-once. Every worker receives every command; each answers
+  with its own share, tagged `WORKER`, `WORKERS` and `PARTITIONS`; `merge_replies` (and
+  `python -m transports.natsio get`) sums the shares.
+- Poison messages: a message is handed to a worker at most `max_deliver` times; at its next
+  delivery it is copied to `dead_letter_subject` (kept by `dead_letter_stream`), counted,
+  logged and terminated. The transport enforces this rather than the server's
+  max_deliver, so no dead letter is missed while the partition's owner is down.
+- While a worker holds a message (its window is open), it tells the server every
+  `ack_wait_s / 2` that the message is in progress, so a slow window is not redelivered
+  to a live worker; `ack_wait_s` only bounds how soon a dead worker's messages come back.
+
+Subjects and streams (P = partitions; subject names follow `[topics]`)
+- `logits.<token>`: what models publish (JSON body as on every transport, with the
+  step-key fields inside). `<token>` is one subject token (no `.`, space, `*`, `>`) that is
+  the same for every message of one window: the environment id. Stream `stream` (work
+  queue) takes `logits.*` and stores it as `logits.<partition(P, token)>.<token>`, the
+  server's own deterministic subject transform, so publishers need know nothing of the
+  workers. One durable pull consumer per partition, `part-<p>`, filters `logits.<p>.*`.
+- `action.<first step-key value>`: actions, live. The worker publishes each action to
+  `_swarm.action.<token>`, which only stream `action_stream` takes (kept `action_max_age_s`,
+  de-duplicated); the stream republishes what it stored on `action.<token>`. So a core
+  subscriber of `action.>` sees each stored action once (at-most-once, as core NATS is),
+  never the second copy of a rebuilt window; a consumer of the stream reads them
+  at-least-once, and can replay.
+- `evolution`: commands and replies, core NATS (no stream).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import os
+import socket
+import ssl
+import time
+from types import TracebackType
+from typing import Any, Self
+
+import nats
+import orjson
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js import JetStreamContext, api
+from nats.js.errors import BadRequestError, NoStreamResponseError, NotFoundError
+
+from processor.config import Config, NatsConfig
+from processor.errors import ConfigError
+
+from .base import MAX_BURST, Envelope, RejectHook
+
+log = logging.getLogger("swarm_aggregator.nats")
+
+PULL_EXPIRES_S = 5.0     # a pull request lives this long on the server ...
+PULL_HEARTBEAT_S = 1.0   # ... and says it is alive this often while idle
+LOG_EVERY_S = 5.0        # at most one line per kind of trouble in this interval
+INTERNAL = "_swarm"      # actions go in as _swarm.<action>.<token>, come out as <action>.<token>
+
+
+def consumer_name(partition: int) -> str:
+    return f"part-{partition}"
+
+
+def partition_of(token: str, partitions: int) -> int:
+    """The partition the server's `{{partition(P,1)}}` puts a subject token in (FNV-1a)."""
+    h = 0x811C9DC5
+    for b in token.encode():
+        h = ((h ^ b) * 0x01000193) & 0xFFFFFFFF
+    return h % partitions
+
+
+def owned_partitions(n: NatsConfig) -> list[int]:
+    return [p for p in range(n.partitions) if p % n.workers == n.index]
+
+
+def subject_token(value: str) -> str:
+    """A string made fit for one subject token (for the action subject)."""
+    out = "".join("_" if c in ". *>\t\r\n" else c for c in value)
+    return out or "_"
+
+
+def stream_configs(cfg: Config) -> list[api.StreamConfig]:
+    """The streams the transport creates: logits (partitioned), actions, dead letters."""
+    n, t = cfg.transport.nats, cfg.topics
+    storage = api.StorageType.FILE if n.storage == "file" else api.StorageType.MEMORY
+    out = [
+        api.StreamConfig(
+            name=n.stream, subjects=[f"{t.logits}.*"],
+            description="swarm-aggregator logits, partitioned by step key",
+            retention=api.RetentionPolicy.WORK_QUEUE, storage=storage, num_replicas=n.replicas,
+            duplicate_window=n.duplicate_window_s,
+            subject_transform=api.SubjectTransform(
+                src=f"{t.logits}.*",
+                dest=f"{t.logits}.{{{{partition({n.partitions},1)}}}}.{{{{wildcard(1)}}}}")),
+        api.StreamConfig(
+            name=n.action_stream, subjects=[f"{INTERNAL}.{t.action}.>"],
+            description="swarm-aggregator actions, one per step key",
+            retention=api.RetentionPolicy.LIMITS, storage=storage, num_replicas=n.replicas,
+            duplicate_window=n.duplicate_window_s, max_age=n.action_max_age_s,
+            republish=api.RePublish(src=f"{INTERNAL}.{t.action}.>", dest=f"{t.action}.>")),
+    ]
+    if n.dead_letter_stream:
+        out.append(api.StreamConfig(
+            name=n.dead_letter_stream, subjects=[n.dead_letter_subject],
+            description="swarm-aggregator logits delivered max_deliver times, never settled",
+            retention=api.RetentionPolicy.LIMITS, storage=storage, num_replicas=n.replicas,
+            duplicate_window=n.duplicate_window_s))
+    return out
+
+
+def consumer_config(cfg: Config, partition: int) -> api.ConsumerConfig:
+    n = cfg.transport.nats
+    name = consumer_name(partition)
+    return api.ConsumerConfig(
+        name=name, durable_name=name, filter_subject=f"{cfg.topics.logits}.{partition}.*",
+        description=f"swarm-aggregator partition {partition} of {n.partitions}",
+        deliver_policy=api.DeliverPolicy.ALL, ack_policy=api.AckPolicy.EXPLICIT,
+        ack_wait=n.ack_wait_s, max_ack_pending=n.max_ack_pending,
+        max_deliver=-1)  # enforced by the transport: see the module's docstring
+
+
+async def ensure_streams(js: JetStreamContext, cfg: Config) -> None:
+    """Create the streams that are missing; refuse a logits stream of another P."""
+    n = cfg.transport.nats
+    for sc in stream_configs(cfg):
+        assert sc.name is not None
+        try:
+            info = await js.stream_info(sc.name)
+        except NotFoundError:
+            if not n.create:
+                raise ConfigError("transport.nats.create", f"stream {sc.name} does not exist "
+                                  "(create it: python -m transports.natsio setup)") from None
+            try:
+                await js.add_stream(sc)
+                log.info("created stream %s (subjects %s)", sc.name, ", ".join(sc.subjects or []))
+                continue
+            except BadRequestError:
+                info = await js.stream_info(sc.name)  # another worker created it meanwhile
+        if sc.subject_transform is not None:
+            have = info.config.subject_transform
+            if have is None or have.dest != sc.subject_transform.dest:
+                raise ConfigError("transport.nats.partitions", (
+                    f"stream {sc.name} maps {have.src if have else '-'} -> "
+                    f"{have.dest if have else '-'}, not {sc.subject_transform.dest}: P differs "
+                    "(changing P needs a drained stream; see docs/nats.md)"))
+
+
+async def ensure_consumers(js: JetStreamContext, cfg: Config, partitions: list[int]) -> None:
+    """Create (or update to this config) the durable consumers of these partitions."""
+    n = cfg.transport.nats
+    for p in partitions:
+        cc = consumer_config(cfg, p)
+        if not n.create:
+            try:
+                await js.consumer_info(n.stream, consumer_name(p))
+            except NotFoundError:
+                raise ConfigError("transport.nats.create", f"consumer {consumer_name(p)} of "
+                                  f"stream {n.stream} does not exist") from None
+            continue
+        await js.add_consumer(n.stream, cc)
+
+
+def merge_replies(replies: list[dict[str, Any]]) -> dict[str, Any]:
+    """One evolution reply from the shares of several workers.
+
+    CONTRIBUTION, MISSED and STEPS add up exactly; AGREEMENT is averaged, weighted by each
+    worker's STEPS.
+    """
+    contribution: dict[str, float] = {}
+    missed: dict[str, int] = {}
+    agree: dict[str, float] = {}
+    weight: dict[str, float] = {}
+    steps = 0
+    workers, parts = [], set()
+    for r in replies:
+        s = int(r.get("STEPS", 0))
+        steps += s
+        for m, c in r.get("CONTRIBUTION", {}).items():
+            contribution[m] = contribution.get(m, 0.0) + c
+        for m, c in r.get("MISSED", {}).items():
+            missed[m] = missed.get(m, 0) + c
+        for m, a in r.get("AGREEMENT", {}).items():
+            agree[m] = agree.get(m, 0.0) + a * s
+            weight[m] = weight.get(m, 0.0) + s
+        workers.append(r.get("WORKER"))
+        parts.update(r.get("PARTITIONS", ()))
+    return {"CONTRIBUTION": contribution, "STEPS": steps, "MISSED": missed,
+            "AGREEMENT": {m: agree[m] / weight[m] for m in agree if weight[m]},
+            "WORKERS": workers, "PARTITIONS": sorted(parts)}
+
+
+class _Held:
+    """A delivery token: the latest delivery of one stream message, until it is settled."""
+
+    __slots__ = ("msg", "seq", "at")
+
+    def __init__(self, msg: Msg, seq: int, at: float) -> None:
+        self.msg = msg
+        self.seq = seq
+        self.at = at  # when the server last heard that it is being worked on
+
+
+class _Pull:
+    """The pull requests of one partition: how many messages are asked for and not come."""
+
+    __slots__ = ("partition", "next_subject", "inbox", "outstanding", "seen")
+
+    def __init__(self, partition: int, next_subject: str, inbox: str) -> None:
+        self.partition = partition
+        self.next_subject = next_subject
+        self.inbox = inbox
+        self.outstanding = 0
+        self.seen = 0.0
+
+
+class _Pub:
+    __slots__ = ("subject", "payload", "headers", "future")
+
+    def __init__(self, subject: str, payload: bytes, headers: dict[str, str]) -> None:
+        self.subject = subject
+        self.payload = payload
+        self.headers = headers
+        self.future: asyncio.Future[api.PubAck] | None = None
+
+
+class NatsTransport:
+    acks = True
+
+    def __init__(self, cfg: Config, on_reject: RejectHook) -> None:
+        self.config = cfg
+        self.cfg = n = cfg.transport.nats
+        self.t_logits, self.t_action, self.t_evolution = (cfg.topics.logits, cfg.topics.action,
+                                                          cfg.topics.evolution)
+        self.on_reject = on_reject
+        self._action_in = f"{INTERNAL}.{self.t_action}"
+        self.worker_id = n.worker_id or f"{socket.gethostname()}-{os.getpid()}"
+        self.partitions = owned_partitions(n)
+        self.ready = False
+        # counters, for logs and tests
+        self.dead_letters = 0
+        self.duplicates = 0    # actions the stream already had (a rebuilt window)
+        self.redelivered = 0   # deliveries after the first
+        self._nc: Client | None = None
+        self._js: JetStreamContext | None = None
+        self._subs: list[Subscription] = []
+        self._inbox: collections.deque[Envelope] = collections.deque()
+        self._wake = asyncio.Event()
+        self._held: dict[int, _Held] = {}
+        self._pulls: dict[int, _Pull] = {}
+        self._by_consumer: dict[str, _Pull] = {}
+        self._unconfirmed: list[_Pub] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._keeper: asyncio.Task[None] | None = None
+        self._need_setup = False
+        self._closing = False
+        self._give_up_at = float("inf")
+        self._high = max(4 * n.pull_batch, 1024)  # local queue length that stops pulling
+        self._logged: dict[str, float] = {}
+        evo = {"WORKER": self.worker_id, "WORKERS": n.workers, "PARTITIONS": self.partitions}
+        self._evolution_tag = evo
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        n = self.cfg
+        options: dict[str, Any] = dict(
+            servers=n.servers, name=f"swarm-aggregator {self.worker_id}",
+            allow_reconnect=True, max_reconnect_attempts=-1,
+            reconnect_time_wait=n.reconnect_wait_s, connect_timeout=2,
+            no_echo=True,  # its own evolution replies need not come back
+            error_cb=self._on_error, disconnected_cb=self._on_disconnected,
+            reconnected_cb=self._on_reconnected, closed_cb=self._on_closed)
+        if n.user:
+            options.update(user=n.user, password=n.password)
+        if n.token:
+            options["token"] = n.token
+        if n.tls_ca or n.tls_cert:
+            options["tls"] = _tls_context(n)
+        try:
+            connect = nats.connect(**options)
+            nc = await (asyncio.wait_for(connect, n.connect_wait_s) if n.connect_wait_s
+                        else connect)
+        except TimeoutError:
+            raise ConnectionError(f"no NATS server answered at {', '.join(n.servers)} within "
+                                  f"transport.nats.connect_wait_s={n.connect_wait_s}") from None
+        self._nc = nc
+        self._js = nc.jetstream(timeout=n.publish_timeout_s)
+        deadline = time.monotonic() + max(n.connect_wait_s, 5.0)
+        while True:
+            try:
+                await self._setup()
+                break
+            except ConfigError:
+                await nc.close()
+                raise
+            except Exception as e:  # noqa: BLE001 - JetStream not ready yet (cluster election)
+                if time.monotonic() > deadline:
+                    await nc.close()
+                    raise ConnectionError(f"JetStream not available: {e!r}") from None
+                self._trouble("setup", "JetStream not ready (%r); retrying", e)
+                await asyncio.sleep(n.reconnect_wait_s)
+        prefix = nc.new_inbox()
+        for p in self.partitions:
+            pull = _Pull(p, f"$JS.API.CONSUMER.MSG.NEXT.{n.stream}.{consumer_name(p)}",
+                         f"{prefix}.{p}")
+            self._pulls[p] = pull
+            self._by_consumer[consumer_name(p)] = pull
+        pending = max(65536, 4 * n.pull_batch * max(1, len(self.partitions)))
+        self._subs.append(await nc.subscribe(f"{prefix}.*", cb=self._on_delivery,
+                                             pending_msgs_limit=pending))
+        self._subs.append(await nc.subscribe(self.t_evolution, cb=self._on_evolution))
+        for pull in self._pulls.values():
+            await self._pull(pull)
+        self._keeper = asyncio.create_task(self._keep())
+        self.ready = True
+        log.info("nats: worker %s serves partitions %s of %d (stream %s)", self.worker_id,
+                 self.partitions, n.partitions, n.stream)
+        return self
+
+    async def _setup(self) -> None:
+        js = self._js
+        assert js is not None
+        await ensure_streams(js, self.config)
+        await ensure_consumers(js, self.config, self.partitions)
+        self._need_setup = False
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.ready = False
+        self._closing = True
+        self._give_up_at = time.monotonic() + min(5.0, 2 * self.cfg.publish_timeout_s)
+        nc = self._nc
+        if self._keeper is not None:
+            self._keeper.cancel()
+            await asyncio.gather(self._keeper, return_exceptions=True)
+        if nc is None:
+            return
+        for sub in self._subs:
+            try:
+                await sub.unsubscribe()
+            except Exception:  # noqa: BLE001,S110 - closing anyway
+                pass
+        if self._unconfirmed:
+            # Actions published but never settled (the worker stopped between the two):
+            # nothing to acknowledge, their windows' messages come back.
+            self._unconfirmed = []
+        if self._tasks:
+            tasks = list(self._tasks)
+            await asyncio.wait(tasks, timeout=self._give_up_at - time.monotonic() + 1.0)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        # What is still held (open windows) goes back now rather than after ack_wait.
+        for h in list(self._held.values()):
+            try:
+                await h.msg.nak()
+            except Exception:  # noqa: BLE001,S110 - it comes back after ack_wait then
+                pass
+        self._held.clear()
+        try:
+            await nc.flush(timeout=2)
+        except Exception:  # noqa: BLE001,S110
+            pass
+        await nc.close()
+        if self.dead_letters or self.duplicates:
+            log.info("nats: %d dead letters, %d duplicate actions suppressed by the stream",
+                     self.dead_letters, self.duplicates)
+
+    # -- in ------------------------------------------------------------------------------
+
+    async def receive(self, timeout: float | None) -> list[Envelope]:
+        inbox = self._inbox
+        if not inbox:
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout)
+            except TimeoutError:
+                return []
+        n = min(len(inbox), MAX_BURST)
+        out = [inbox.popleft() for _ in range(n)]
+        if len(inbox) < self._high // 2:
+            for pull in self._pulls.values():
+                if pull.outstanding <= self.cfg.pull_batch // 2:
+                    await self._pull(pull)
+        return out
+
+    async def _on_delivery(self, msg: Msg) -> None:
+        now = time.monotonic()
+        if not msg.reply:  # a status: heartbeat, request expired, consumer gone
+            await self._on_status(msg, now)
+            return
+        md = msg.metadata
+        pull = self._by_consumer.get(md.consumer or "")
+        if pull is not None:
+            pull.outstanding = max(0, pull.outstanding - 1)
+            pull.seen = now
+        seq = md.sequence.stream
+        if md.num_delivered > 1:
+            self.redelivered += 1
+        held = self._held.get(seq)
+        if held is not None:
+            # Redelivered while this worker still holds it (an ack or a progress note was
+            # lost): the window has it already; settle the newest delivery later.
+            held.msg, held.at = msg, now
+        elif md.num_delivered > self.cfg.max_deliver:
+            self._spawn(self._dead_letter(msg, seq, md.num_delivered))
+        else:
+            held = _Held(msg, seq, now)
+            self._held[seq] = held
+            self._inbox.append((self.t_logits, msg.data, now, held))
+            self._wake.set()
+        if pull is not None and pull.outstanding <= self.cfg.pull_batch // 2:
+            await self._pull(pull)
+
+    async def _on_status(self, msg: Msg, now: float) -> None:
+        pull = self._pulls.get(_last_int(msg.subject))
+        if pull is None:
+            return
+        pull.seen = now
+        headers = msg.headers or {}
+        status = headers.get(api.Header.STATUS)
+        if status == "100":
+            return  # idle heartbeat: the request is alive
+        left = headers.get("Nats-Pending-Messages")
+        pull.outstanding = max(0, pull.outstanding - int(left)) if left else 0
+        if status not in ("404", "408"):
+            desc = headers.get(api.Header.DESCRIPTION, "")
+            if status == "503" or "deleted" in str(desc).lower():
+                self._need_setup = True  # the consumer (or JetStream) is gone: make it again
+            self._trouble(f"status{status}", "pull on partition %d: %s %s", pull.partition,
+                          status, desc)
+        await self._pull(pull)
+
+    async def _on_evolution(self, msg: Msg) -> None:
+        self._inbox.append((self.t_evolution, msg.data, time.monotonic(), None))
+        self._wake.set()
+
+    async def _pull(self, pull: _Pull) -> None:
+        """Ask for more messages of one partition, unless enough are on their way."""
+        nc = self._nc
+        if (self._closing or self._need_setup or nc is None or not nc.is_connected
+                or len(self._inbox) >= self._high):
+            return
+        want = self.cfg.pull_batch - pull.outstanding
+        if want <= self.cfg.pull_batch // 2:
+            return
+        body = orjson.dumps({"batch": want, "expires": int(PULL_EXPIRES_S * 1e9),
+                             "idle_heartbeat": int(PULL_HEARTBEAT_S * 1e9)})
+        pull.outstanding += want
+        pull.seen = time.monotonic()
+        try:
+            await nc.publish(pull.next_subject, body, reply=pull.inbox)
+        except Exception as e:  # noqa: BLE001 - disconnected: the keeper asks again
+            pull.outstanding -= want
+            self._trouble("pull", "cannot pull: %r", e)
+
+    async def _keep(self) -> None:
+        """Progress notes for held messages, lost pull requests, re-creation after a loss."""
+        n = self.cfg
+        tick = min(0.5, n.ack_wait_s / 4)
+        note_after = n.ack_wait_s / 2
+        while True:
+            await asyncio.sleep(tick)
+            nc = self._nc
+            if nc is None or not nc.is_connected:
+                continue
+            now = time.monotonic()
+            try:
+                if self._need_setup:
+                    await self._setup()
+                    log.info("nats: streams and consumers set up again")
+                for h in list(self._held.values()):
+                    if now - h.at > note_after:
+                        h.at = now
+                        await h.msg.in_progress()
+                for pull in self._pulls.values():
+                    if pull.outstanding and now - pull.seen > 3 * PULL_HEARTBEAT_S:
+                        pull.outstanding = 0  # no heartbeat: the request died with a server
+                    await self._pull(pull)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - try again at the next tick
+                self._trouble("keeper", "%r", e)
+
+    # -- out -----------------------------------------------------------------------------
+
+    async def publish(self, topic: str, payload: bytes, dedup: str | None = None) -> bool:
+        nc = self._nc
+        assert nc is not None, "use 'async with transport'"
+        if topic == self.t_action:
+            key = dedup if dedup is not None else ""
+            subject = f"{self._action_in}.{subject_token(key.split('|', 1)[0])}"
+            pub = _Pub(subject, payload, {"Nats-Msg-Id": key} if key else {})
+            await self._send(pub)
+            self._unconfirmed.append(pub)
+            return True
+        if topic == self.t_evolution:
+            try:
+                obj = orjson.loads(payload)
+                obj.update(self._evolution_tag)
+                payload = orjson.dumps(obj)
+            except (orjson.JSONDecodeError, AttributeError):
+                pass
+        try:
+            await nc.publish(topic, payload)
+            return True
+        except Exception as e:  # noqa: BLE001 - core NATS is at-most-once; the peer asks again
+            self._trouble("publish", "cannot publish on %s: %r", topic, e)
+            return False
+
+    async def _send(self, pub: _Pub) -> None:
+        js = self._js
+        assert js is not None
+        try:
+            pub.future = await js.publish_async(pub.subject, pub.payload, headers=pub.headers,
+                                                stream=self.cfg.action_stream)
+        except Exception as e:  # noqa: BLE001 - disconnected and buffer full: sent again
+            pub.future = None
+            self._trouble("send", "action not sent (%r); will retry", e)
+
+    async def settle(self, tokens: list[Any]) -> None:
+        pubs, self._unconfirmed = self._unconfirmed, []
+        if pubs:
+            # Acknowledge only once every action published before is stored.
+            self._spawn(self._commit(pubs, tokens))
+        else:
+            await self._ack(tokens)
+
+    async def _commit(self, pubs: list[_Pub], tokens: list[Any]) -> None:
+        if await self._confirm(pubs):
+            await self._ack(tokens)
+
+    async def _confirm(self, pubs: list[_Pub]) -> bool:
+        """Wait for the PubAcks, sending again what got none; False when closing first."""
+        delay = 0.05
+        while True:
+            futures = [p.future for p in pubs if p.future is not None]
+            if futures:
+                await asyncio.wait(futures, timeout=self.cfg.publish_timeout_s)
+            retry = []
+            for p in pubs:
+                f = p.future
+                if f is None or not f.done() or f.cancelled():
+                    if f is not None:
+                        f.cancel()  # frees its slot among publish_async's pending
+                    retry.append(p)
+                    continue
+                e = f.exception()
+                if e is None:
+                    if f.result().duplicate:
+                        self.duplicates += 1
+                    continue
+                if isinstance(e, NoStreamResponseError):
+                    self._need_setup = True
+                self._trouble("pubfail", "action not stored (%r); will retry", e)
+                retry.append(p)
+            if not retry:
+                return True
+            if self._closing and time.monotonic() > self._give_up_at:
+                return False
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, 2.0)
+            for p in retry:
+                await self._send(p)
+            pubs = retry
+
+    async def _ack(self, tokens: list[Any]) -> None:
+        held = self._held
+        for t in tokens:
+            if held.get(t.seq) is t:
+                del held[t.seq]
+            try:
+                await t.msg.ack()
+            except Exception as e:  # noqa: BLE001 - redelivered later; then late or a duplicate
+                self._trouble("ack", "ack not sent (%r)", e)
+
+    async def _dead_letter(self, msg: Msg, seq: int, delivered: int) -> None:
+        n = self.cfg
+        self.dead_letters += 1
+        log.warning("nats: dead letter: %s (stream %s seq %d) delivered %d times, "
+                    "max_deliver=%d%s", msg.subject, n.stream, seq, delivered, n.max_deliver,
+                    f"; copied to {n.dead_letter_subject}" if n.dead_letter_subject else "")
+        if n.dead_letter_subject:
+            headers = {"Nats-Msg-Id": f"{n.stream}:{seq}", "Swarm-Subject": msg.subject,
+                       "Swarm-Stream-Seq": str(seq), "Swarm-Deliveries": str(delivered)}
+            js, nc = self._js, self._nc
+            assert js is not None and nc is not None
+            while True:
+                try:
+                    if n.dead_letter_stream:
+                        await js.publish(n.dead_letter_subject, msg.data, headers=headers,
+                                         stream=n.dead_letter_stream)
+                    else:
+                        await nc.publish(n.dead_letter_subject, msg.data, headers=headers)
+                    break
+                except Exception as e:  # noqa: BLE001
+                    if self._closing:
+                        return  # not terminated: it comes back, and is dead-lettered then
+                    self._trouble("dead", "dead letter not stored (%r); will retry", e)
+                    await asyncio.sleep(1.0)
+        try:
+            await msg.term()
+        except Exception as e:  # noqa: BLE001
+            self._trouble("ack", "term not sent (%r)", e)
+
+    def stamp(self, topic: str) -> dict[str, Any] | None:
+        return None
+
+    # -- housekeeping --------------------------------------------------------------------
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _trouble(self, kind: str, fmt: str, *args: Any) -> None:
+        now = time.monotonic()
+        if now - self._logged.get(kind, float("-inf")) >= LOG_EVERY_S:
+            self._logged[kind] = now
+            log.warning("nats: " + fmt, *args)
+
+    async def _on_error(self, e: Exception) -> None:
+        self._trouble("error", "%s", e or type(e).__name__)
+
+    async def _on_disconnected(self) -> None:
+        self.ready = False
+        if not self._closing:
+            log.warning("nats: disconnected; reconnecting")
+
+    async def _on_reconnected(self) -> None:
+        nc = self._nc
+        log.info("nats: reconnected to %s", nc.connected_url.netloc if nc and nc.connected_url
+                 else "?")
+        for pull in self._pulls.values():
+            pull.outstanding = 0  # the old requests may have died with the server
+            await self._pull(pull)
+        self.ready = True
+
+    async def _on_closed(self) -> None:
+        self.ready = False
+
+
+def _last_int(subject: str) -> int:
+    try:
+        return int(subject.rsplit(".", 1)[1])
+    except (IndexError, ValueError):
+        return -1
+
+
+def _tls_context(n: NatsConfig) -> ssl.SSLContext:
+    try:
+        ctx = ssl.create_default_context(cafile=n.tls_ca or None)
+        if n.tls_cert:
+            ctx.load_cert_chain(n.tls_cert, n.tls_key)
+    except (OSError, ssl.SSLError) as e:
+        raise ConfigError("transport.nats.tls_ca", f"cannot load TLS files: {e}") from None
+    return ctx
