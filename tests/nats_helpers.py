@@ -13,7 +13,7 @@ import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import nats
 import orjson
@@ -83,13 +83,13 @@ def nats_server(store: Path) -> Iterator[NatsServer]:
 def nats_worker_env(url: str, index: int, workers: int, partitions: int = 8,
                     **keys: object) -> dict[str, str]:
     """SWARM_AGG__* for one worker of K on that server (keys as in `worker_env`)."""
-    base: dict[str, object] = dict(
-        transport__kind="nats", transport__nats__servers=[url],
-        transport__nats__partitions=partitions, transport__nats__workers=workers,
-        transport__nats__index=index, transport__nats__worker_id=f"w{index}",
-        transport__nats__ack_wait_s=2.0, transport__nats__reconnect_wait_s=0.25,
-        window__key=["ENV_ID", "STEP"], window__timeout_ms=3000, metrics__port=0,
-        aggregate__deterministic=True, log__level="INFO")
+    base: dict[str, object] = {
+        "transport__kind": "nats", "transport__nats__servers": [url],
+        "transport__nats__partitions": partitions, "transport__nats__workers": workers,
+        "transport__nats__index": index, "transport__nats__worker_id": f"w{index}",
+        "transport__nats__ack_wait_s": 2.0, "transport__nats__reconnect_wait_s": 0.25,
+        "window__key": ["ENV_ID", "STEP"], "window__timeout_ms": 3000, "metrics__port": 0,
+        "aggregate__deterministic": True, "log__level": "INFO"}
     base.update(keys)
     return worker_env(**base)
 
@@ -111,7 +111,7 @@ class Swarm:
         self.live: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
         self.replies: list[dict[str, Any]] = []
 
-    async def __aenter__(self) -> Swarm:
+    async def __aenter__(self) -> Self:
         self.nc = await nats.connect(self.url, max_reconnect_attempts=-1,
                                      reconnect_time_wait=0.25)
         self.js = self.nc.jetstream(timeout=5)

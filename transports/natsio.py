@@ -207,7 +207,7 @@ def merge_replies(replies: list[dict[str, Any]]) -> dict[str, Any]:
 class _Held:
     """A delivery token: the latest delivery of one stream message, until it is settled."""
 
-    __slots__ = ("msg", "seq", "at")
+    __slots__ = ("at", "msg", "seq")
 
     def __init__(self, msg: Msg, seq: int, at: float) -> None:
         self.msg = msg
@@ -218,7 +218,7 @@ class _Held:
 class _Pull:
     """The pull requests of one partition: how many messages are asked for and not come."""
 
-    __slots__ = ("partition", "next_subject", "inbox", "outstanding", "seen")
+    __slots__ = ("inbox", "next_subject", "outstanding", "partition", "seen")
 
     def __init__(self, partition: int, next_subject: str, inbox: str) -> None:
         self.partition = partition
@@ -229,7 +229,7 @@ class _Pull:
 
 
 class _Pub:
-    __slots__ = ("subject", "payload", "headers", "future")
+    __slots__ = ("future", "headers", "payload", "subject")
 
     def __init__(self, subject: str, payload: bytes, headers: dict[str, str]) -> None:
         self.subject = subject
@@ -278,19 +278,11 @@ class NatsTransport:
 
     async def __aenter__(self) -> Self:
         n = self.cfg
-        options: dict[str, Any] = dict(
-            servers=n.servers, name=f"swarm-aggregator {self.worker_id}",
-            allow_reconnect=True, max_reconnect_attempts=-1,
-            reconnect_time_wait=n.reconnect_wait_s, connect_timeout=2,
+        options = connect_options(n, f"swarm-aggregator {self.worker_id}")
+        options.update(
             no_echo=True,  # its own evolution replies need not come back
             error_cb=self._on_error, disconnected_cb=self._on_disconnected,
             reconnected_cb=self._on_reconnected, closed_cb=self._on_closed)
-        if n.user:
-            options.update(user=n.user, password=n.password)
-        if n.token:
-            options["token"] = n.token
-        if n.tls_ca or n.tls_cert:
-            options["tls"] = _tls_context(n)
         try:
             connect = nats.connect(**options)
             nc = await (asyncio.wait_for(connect, n.connect_wait_s) if n.connect_wait_s
@@ -369,8 +361,8 @@ class NatsTransport:
         for h in list(self._held.values()):
             try:
                 await h.msg.nak()
-            except Exception:  # noqa: BLE001,S110 - it comes back after ack_wait then
-                pass
+            except Exception as e:  # noqa: BLE001 - it comes back after ack_wait then
+                log.debug("nats: nak not sent (%r)", e)
         self._held.clear()
         try:
             await nc.flush(timeout=2)
@@ -582,8 +574,9 @@ class NatsTransport:
     async def _ack(self, tokens: list[Any]) -> None:
         held = self._held
         for t in tokens:
-            if held.get(t.seq) is t:
-                del held[t.seq]
+            seq = t.seq
+            if held.get(seq) is t:
+                del held[seq]
             try:
                 await t.msg.ack()
             except Exception as e:  # noqa: BLE001 - redelivered later; then late or a duplicate
@@ -655,6 +648,20 @@ class NatsTransport:
         self.ready = False
 
 
+def connect_options(n: NatsConfig, name: str) -> dict[str, Any]:
+    """nats.connect() keyword arguments from the config (servers, credentials, TLS)."""
+    options: dict[str, Any] = {
+        "servers": n.servers, "name": name, "allow_reconnect": True, "max_reconnect_attempts": -1,
+        "reconnect_time_wait": n.reconnect_wait_s, "connect_timeout": 2}
+    if n.user:
+        options.update(user=n.user, password=n.password)
+    if n.token:
+        options["token"] = n.token
+    if n.tls_ca or n.tls_cert:
+        options["tls"] = _tls_context(n)
+    return options
+
+
 def _last_int(subject: str) -> int:
     try:
         return int(subject.rsplit(".", 1)[1])
@@ -670,3 +677,153 @@ def _tls_context(n: NatsConfig) -> ssl.SSLContext:
     except (OSError, ssl.SSLError) as e:
         raise ConfigError("transport.nats.tls_ca", f"cannot load TLS files: {e}") from None
     return ctx
+
+
+# -- operators' helpers: python -m transports.natsio setup | get | status ------------------
+
+
+async def _quiet(e: Exception) -> None:
+    log.debug("nats: %s", e)
+
+
+async def _connect(cfg: Config) -> Client:
+    n = cfg.transport.nats
+    options = connect_options(n, "swarm-aggregator admin")
+    options.update(max_reconnect_attempts=3, error_cb=_quiet)
+    return await asyncio.wait_for(nats.connect(**options), max(n.connect_wait_s, 2.0))
+
+
+async def setup(cfg: Config) -> list[str]:
+    """Create the streams and every partition's consumer; returns what now exists."""
+    nc = await _connect(cfg)
+    try:
+        js = nc.jetstream()
+        await ensure_streams(js, cfg)
+        await ensure_consumers(js, cfg, list(range(cfg.transport.nats.partitions)))
+        return [sc.name or "" for sc in stream_configs(cfg)]
+    finally:
+        await nc.close()
+
+
+async def gather(cfg: Config, command: str = "GET", timeout: float = 5.0,
+                 request_id: str | None = None) -> tuple[dict[str, Any], list[int]]:
+    """Send an evolution command to every worker and merge their shares.
+
+    Returns the merged reply and the partitions no reply covered. GET is sent again with the
+    same REQUEST_ID until every partition is covered (a worker answers a repeated id with
+    the same report, without a second reset), so a lost reply costs no share.
+    """
+    import uuid
+
+    n, topic = cfg.transport.nats, cfg.topics.evolution
+    rid = request_id or uuid.uuid4().hex
+    replies: dict[str, dict[str, Any]] = {}
+    arrived = asyncio.Event()
+
+    async def on_reply(msg: Msg) -> None:
+        try:
+            obj = orjson.loads(msg.data)
+        except orjson.JSONDecodeError:
+            return
+        if isinstance(obj, dict) and obj.get("REQUEST_ID") == rid and "WORKER" in obj:
+            replies[str(obj["WORKER"])] = obj
+            arrived.set()
+
+    def missing() -> list[int]:
+        covered = {p for r in replies.values() for p in r.get("PARTITIONS", ())}
+        return [p for p in range(n.partitions) if p not in covered]
+
+    nc = await _connect(cfg)
+    try:
+        await nc.subscribe(topic, cb=on_reply)
+        end = time.monotonic() + timeout
+        while missing() and time.monotonic() < end:
+            await nc.publish(topic, orjson.dumps({"CMD": command, "REQUEST_ID": rid}))
+            resend = time.monotonic() + 0.5
+            while missing() and (left := min(resend, end) - time.monotonic()) > 0:
+                arrived.clear()
+                try:
+                    await asyncio.wait_for(arrived.wait(), left)
+                except TimeoutError:
+                    pass
+    finally:
+        await nc.close()
+    merged = merge_replies(list(replies.values()))
+    merged["REQUEST_ID"] = rid
+    return merged, missing()
+
+
+async def status(cfg: Config) -> dict[str, Any]:
+    """Streams' message counts and each partition consumer's backlog."""
+    n = cfg.transport.nats
+    nc = await _connect(cfg)
+    try:
+        js = nc.jetstream()
+        out: dict[str, Any] = {"streams": {}, "partitions": {}}
+        for sc in stream_configs(cfg):
+            try:
+                info = await js.stream_info(sc.name or "")
+                out["streams"][sc.name] = info.state.messages
+            except NotFoundError:
+                out["streams"][sc.name] = None
+        for p in range(n.partitions):
+            try:
+                ci = await js.consumer_info(n.stream, consumer_name(p))
+                out["partitions"][p] = {"pending": ci.num_pending,
+                                        "ack_pending": ci.num_ack_pending,
+                                        "redelivered": ci.num_redelivered,
+                                        "pulls_waiting": ci.num_waiting}
+            except NotFoundError:
+                out["partitions"][p] = None
+        return out
+    finally:
+        await nc.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import json
+    import sys
+
+    from processor.config import load
+
+    parser = argparse.ArgumentParser(
+        prog="python -m transports.natsio",
+        description="NATS helpers of swarm-aggregator. Config as for `swarm-aggregator run`: "
+                    "-c FILE and SWARM_AGG__* variables.")
+    parser.add_argument("command", choices=("setup", "get", "peek", "status"),
+                        help="setup: create streams and all consumers; get/peek: ask every "
+                        "worker for its share and print the sum; status: backlogs")
+    parser.add_argument("-c", "--config", help="TOML config file")
+    parser.add_argument("--servers", help="comma-separated NATS URLs (overrides the config)")
+    parser.add_argument("--timeout", type=float, default=5.0, help="get/peek: seconds")
+    args = parser.parse_args(argv)
+    overrides: dict[str, Any] = {}
+    if args.servers:
+        overrides["transport"] = {"nats": {"servers": args.servers.split(",")}}
+    try:
+        cfg = load(args.config, overrides=overrides)
+    except ConfigError as e:
+        print(f"bad config: {e}", file=sys.stderr)
+        return 2
+    try:
+        if args.command == "setup":
+            names = asyncio.run(setup(cfg))
+            print(f"ok: streams {', '.join(names)}; consumers part-0..part-"
+                  f"{cfg.transport.nats.partitions - 1}")
+        elif args.command in ("get", "peek"):
+            merged, missing = asyncio.run(gather(cfg, args.command.upper(), args.timeout))
+            print(json.dumps(merged, indent=1, sort_keys=True))
+            if missing:
+                print(f"no worker answered for partitions {missing}", file=sys.stderr)
+                return 1
+        else:
+            print(json.dumps(asyncio.run(status(cfg)), indent=1))
+    except (OSError, TimeoutError, nats.errors.Error) as e:
+        print(f"cannot reach NATS: {e!r}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
