@@ -105,11 +105,12 @@ async def test_three_workers_on_eight_partitions_one_action_per_step(server):
             assert merged["STEPS"] == len(xs)
             assert merged["CONTRIBUTION"] == pytest.approx(expected, abs=1e-3)
             # the operators' one-liner: every share again, reset by the GET above
-            peek = subprocess.run(
-                [sys.executable, "-m", "transports.natsio", "peek", "--servers", server.url],
-                capture_output=True, timeout=30, cwd=ROOT)
-            assert peek.returncode == 0, peek.stderr
-            assert json.loads(peek.stdout)["STEPS"] == 0
+            peek = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "transports.natsio", "peek", "--servers", server.url,
+                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            out, err = await asyncio.wait_for(peek.communicate(), 30)
+            assert peek.returncode == 0, err
+            assert json.loads(out)["STEPS"] == 0
             assert last.poll() is None
 
 
