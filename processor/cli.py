@@ -1,4 +1,4 @@
-"""The `swarm-aggregator` command: run, demo, proxy, check-config."""
+"""The `swarm-aggregator` command: run, demo, proxy, check-config, top, loadgen."""
 
 from __future__ import annotations
 
@@ -139,6 +139,23 @@ def cmd_study(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_top(args: argparse.Namespace) -> int:
+    from .top import run_top
+
+    return run_top(args.url, interval=args.interval, window=args.window, once=args.once,
+                   top=args.top)
+
+
+def cmd_loadgen(args: argparse.Namespace) -> int:
+    from .loadgen import run_loadgen
+
+    return run_loadgen(args.pub, args.sub, models=args.models, actions=args.actions,
+                       batch=args.batch, rate=args.rate, skip=args.skip,
+                       bad_rate=args.bad_rate, get_every=args.get_every, env_id=args.env_id,
+                       duration=args.duration, seed=args.seed, wait=args.wait,
+                       quiet=args.quiet)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="swarm-aggregator",
@@ -204,6 +221,51 @@ def build_parser() -> argparse.ArgumentParser:
                    help="plot file (needs matplotlib; '' for none; default %(default)s)")
     s.add_argument("--json", help="also write the figures as JSON to this file")
     s.set_defaults(func=cmd_study)
+
+    t = sub.add_parser("top", help="live terminal view of a worker's /metrics",
+                       description="Scrape a worker's /metrics every interval and show "
+                                   "throughput, latency, window outcomes, rejections and "
+                                   "the contribution leaderboard.")
+    t.add_argument("url", nargs="?", default="http://127.0.0.1:9464/metrics",
+                   help="the worker's metrics URL or host:port (default %(default)s)")
+    t.add_argument("-n", "--interval", type=float, default=1.0,
+                   help="seconds between scrapes (default 1)")
+    t.add_argument("--window", type=float, default=5.0,
+                   help="rates and quantiles over this many seconds (default 5)")
+    t.add_argument("--top", type=int, default=15, help="models shown (default 15)")
+    t.add_argument("--once", action="store_true", help="print one view and exit")
+    t.set_defaults(func=cmd_top)
+
+    g = sub.add_parser("loadgen", help="simulated models and environment for a running worker",
+                       description="Drive a running worker over ZeroMQ: M simulated models "
+                                   "publish logits keyed by ENV_ID and STEP at a fixed rate "
+                                   "(the worker needs window.key = [\"ENV_ID\", \"STEP\"]), "
+                                   "with optional skipped steps and faulty messages.")
+    g.add_argument("--pub", default="tcp://127.0.0.1:5555",
+                   help="where our PUB connects: the worker's SUB or a proxy's XSUB "
+                        "(default %(default)s)")
+    g.add_argument("--sub", default="tcp://127.0.0.1:5556",
+                   help="where our SUB connects: the worker's PUB or a proxy's XPUB "
+                        "(default %(default)s)")
+    g.add_argument("--models", type=int, default=8, help="simulated models M (default 8)")
+    g.add_argument("--actions", type=int, default=6, help="actions A (default 6)")
+    g.add_argument("--batch", type=int, default=1, help="environments per step B (default 1)")
+    g.add_argument("--rate", type=float, default=100.0, help="steps per second (default 100)")
+    g.add_argument("--skip", type=float, default=0.0,
+                   help="probability that a model skips a step: partial windows (default 0)")
+    g.add_argument("--bad-rate", type=float, default=0.0,
+                   help="faulty messages per second: rejections (default 0)")
+    g.add_argument("--get-every", type=float, default=0.0,
+                   help="send the evolution GET every this many seconds (default 0: never)")
+    g.add_argument("--env-id", default="env-0", help="our ENV_ID (default %(default)s)")
+    g.add_argument("--duration", type=float, default=0.0,
+                   help="stop after this many seconds (default 0: until Ctrl-C or SIGTERM)")
+    g.add_argument("--wait", type=float, default=0.0,
+                   help="give up if no worker answers within this many seconds (default 0: "
+                        "wait forever)")
+    g.add_argument("--seed", type=int, default=0, help="seed of models and environment")
+    g.add_argument("--quiet", action="store_true", help="no progress lines")
+    g.set_defaults(func=cmd_loadgen)
 
     c = sub.add_parser("check-config", help="validate a config file and print its summary",
                        description="Load the config (file plus SWARM_AGG__* variables), "

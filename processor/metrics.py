@@ -1,41 +1,77 @@
 """Prometheus metrics (prefix `swarm_aggregator_`) and the small HTTP server that serves them.
 
 One class owns every metric and takes its `CollectorRegistry`, so tests pass a fresh one.
-Label sets are closed: rejection reasons come from `errors.REASONS`, window outcomes from
+Names follow Prometheus' rules: base units (`_seconds`), counters end in `_total`. Label sets
+are closed: rejection reasons come from `errors.REASONS`, window outcomes from
 `window.OUTCOMES`, and model labels are capped at `metrics.max_models` (later models are
-summed under `model="other"`, and each such model is counted once).
+summed under `model="other"`, and each such model is counted once in
+`swarm_aggregator_model_label_overflow_total`).
+
+Cost on the hot path: the per-message and per-model counters (messages received, each
+model's contribution) are plain float additions into a dict, turned into counter samples
+only when /metrics is scraped; every other child is bound to its labels once, here.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from prometheus_client.exposition import make_wsgi_app
+from prometheus_client.metrics_core import CounterMetricFamily, Metric
 
+from . import __version__
 from .errors import REASONS
 from .window import OUTCOMES
 
 PREFIX = "swarm_aggregator"
 # From tens of microseconds (an action on loopback) to seconds (a window at its deadline).
-LATENCY_BUCKETS = (2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2,
-                   5e-2, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-AGGREGATION_BUCKETS = (1e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 5e-3,
-                       1e-2, 0.05, 0.1)
+LATENCY_BUCKETS = (1e-5, 2.5e-5, 5e-5, 7.5e-5, 1e-4, 2.5e-4, 5e-4, 7.5e-4, 1e-3, 2.5e-3,
+                   5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+AGGREGATION_BUCKETS = (1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3,
+                       5e-3, 1e-2, 0.05, 0.1)
 COMMANDS = ("GET", "other")
 OTHER = "other"
+# Names of models folded into "other" that are remembered (so each is counted once); past
+# this many, a peer inventing ids cannot grow memory, and further new ids count again.
+OVERFLOW_MEMORY = 65536
+
+
+class SumsByLabel:
+    """A counter family with one label whose values are plain floats until scraped.
+
+    `values[label] += x` is all the hot path pays. The event loop is the only writer;
+    the scrape thread reads a copy (`dict.copy` is atomic under the GIL).
+    """
+
+    def __init__(self, name: str, documentation: str, label: str) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.label = label
+        self.values: dict[str, float] = {}
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(self.name, self.documentation, labels=[self.label])
+        for value, total in sorted(self.values.copy().items()):
+            family.add_metric([value], total)
+        yield family
+
+    def describe(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(self.name, self.documentation, labels=[self.label])
 
 
 class Metrics:
-    def __init__(self, registry: CollectorRegistry | None = None, max_models: int = 100) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None, max_models: int = 100,
+                 process: bool = True) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
-        self.received = Counter(f"{PREFIX}_messages_received", "Messages received, by topic.",
-                                ["topic"], registry=r)
+        self.received = SumsByLabel(f"{PREFIX}_messages_received",
+                                    "Messages read from the bus, by topic.", "topic")
+        r.register(self.received)
         self.rejected = Counter(f"{PREFIX}_messages_rejected",
                                 "Messages rejected, by reason.", ["reason"], registry=r)
         self.windows = Counter(f"{PREFIX}_windows_closed", "Windows closed, by outcome.",
@@ -48,9 +84,12 @@ class Metrics:
         self.evolution = Counter(f"{PREFIX}_evolution_requests",
                                  "Evolution commands answered, by command.", ["cmd"],
                                  registry=r)
-        self.contribution = Counter(f"{PREFIX}_contribution",
-                                    "Credit of each model for the actions taken (sums to the "
-                                    "environment steps decided).", ["model"], registry=r)
+        self.contribution = SumsByLabel(
+            f"{PREFIX}_contribution",
+            "Credit of each model for the environment steps decided (the credits of one "
+            "step sum to 1): its rate over the rate of environment steps is the model's "
+            "share.", "model")
+        r.register(self.contribution)
         self.model_overflow = Counter(f"{PREFIX}_model_label_overflow",
                                       "Models beyond metrics.max_models, counted under "
                                       "model=\"other\".", registry=r)
@@ -65,14 +104,28 @@ class Metrics:
                                   registry=r)
         self.ready = Gauge(f"{PREFIX}_transport_ready",
                            "1 when the transport is connected and subscribed.", registry=r)
+        self.max_models_gauge = Gauge(f"{PREFIX}_model_label_limit",
+                                      "metrics.max_models: distinct model labels at most.",
+                                      registry=r)
+        self.info = Gauge(f"{PREFIX}_build_info", "Always 1; the version as a label.",
+                          ["version"], registry=r)
+        if process:
+            # CPU seconds, resident memory, open fds: read from /proc at scrape time only.
+            ProcessCollector(registry=r)
+        self.info.labels(__version__).set(1)
         self.max_models = max_models
+        self.max_models_gauge.set(max_models)
         # Children bound once: label lookups stay off the hot path.
         self._rejected = {k: self.rejected.labels(k) for k in REASONS}
         self._windows = {k: self.windows.labels(k) for k in OUTCOMES}
         self._latency_first = self.latency.labels("first")
         self._latency_last = self.latency.labels("last")
-        self._models: dict[str, Any] = {}
-        self._topics: dict[str, Any] = {}
+        self._observe_first = self._latency_first.observe
+        self._observe_last = self._latency_last.observe
+        self._actions_inc = self.actions.inc
+        self._decisions_inc = self.decisions.inc
+        self._labels: dict[str, str] = {}   # model id -> its label (itself or "other")
+        self._named = 0                     # models that have a label of their own
         for k in REASONS:
             self._rejected[k].inc(0)
         for k in OUTCOMES:
@@ -81,10 +134,8 @@ class Metrics:
             self.evolution.labels(c).inc(0)
 
     def receive(self, topic: str, n: int = 1) -> None:
-        child = self._topics.get(topic)
-        if child is None:
-            child = self._topics[topic] = self.received.labels(topic)
-        child.inc(n)
+        values = self.received.values
+        values[topic] = values.get(topic, 0.0) + n
 
     def reject(self, reason: str) -> None:
         self._rejected[reason].inc()
@@ -93,44 +144,58 @@ class Metrics:
         self._windows[outcome].inc()
 
     def published(self, first_s: float, last_s: float, steps: int) -> None:
-        self.actions.inc()
-        self.decisions.inc(steps)
-        self._latency_first.observe(first_s)
-        self._latency_last.observe(last_s)
+        self._actions_inc()
+        self._decisions_inc(steps)
+        self._observe_first(first_s)
+        self._observe_last(last_s)
 
     def credit(self, models: Iterable[str], credits: Iterable[float]) -> None:
+        labels = self._labels
+        values = self.contribution.values
         for m, c in zip(models, credits):
-            child = self._models.get(m)
-            if child is None:
-                child = self._model_child(m)
-            child.inc(c)
+            label = labels.get(m)
+            if label is None:
+                label = self._label_for(m)
+            values[label] += c
 
-    def _model_child(self, model: str) -> Any:
-        if len(self._models) < self.max_models:
-            child = self.contribution.labels(model)
+    def _label_for(self, model: str) -> str:
+        values = self.contribution.values
+        if self._named < self.max_models:
+            self._named += 1
+            label = model
         else:
             self.model_overflow.inc()
-            child = self.contribution.labels(OTHER)
-        self._models[model] = child
-        return child
+            label = OTHER
+            if len(self._labels) >= self.max_models + OVERFLOW_MEMORY:
+                values.setdefault(OTHER, 0.0)
+                return OTHER  # not remembered: memory stays bounded
+        values.setdefault(label, 0.0)
+        self._labels[model] = label
+        return label
 
 
 class _Server(ThreadingMixIn, WSGIServer):
     daemon_threads = True
+    allow_reuse_address = True
 
 
 class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+    def log_message(self, format: str, *args: Any) -> None:
         pass
 
 
 class MetricsServer:
-    """`/metrics`, `/healthz` (the process answers) and `/readyz` (the transport is up)."""
+    """`/metrics`, `/healthz` (the process answers) and `/readyz` (the transport is up).
+
+    /metrics is prometheus_client's own WSGI app: it negotiates OpenMetrics with
+    Prometheus, compresses for clients that ask, and honours `?name[]=` filters.
+    """
 
     def __init__(self, metrics: Metrics, host: str, port: int,
                  ready: Callable[[], bool]) -> None:
         self.metrics = metrics
         self.ready = ready
+        self._metrics_app = make_wsgi_app(metrics.registry)
         self._httpd = make_server(host, port, self._app, server_class=_Server,
                                   handler_class=_QuietHandler)
         self.port = self._httpd.server_port
@@ -148,17 +213,29 @@ class MetricsServer:
     def _app(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
         path = environ.get("PATH_INFO", "/")
         if path == "/metrics":
-            body = generate_latest(self.metrics.registry)
-            start_response("200 OK", [("Content-Type", CONTENT_TYPE_LATEST)])
-            return [body]
+            body: list[bytes] = self._metrics_app(environ, start_response)
+            return body
         if path == "/healthz":
-            start_response("200 OK", [("Content-Type", "text/plain")])
-            return [b"ok\n"]
+            return _text(start_response, "200 OK", "ok\n")
         if path == "/readyz":
-            if self.ready():
-                start_response("200 OK", [("Content-Type", "text/plain")])
-                return [b"ready\n"]
-            start_response("503 Service Unavailable", [("Content-Type", "text/plain")])
-            return [b"not ready: transport down\n"]
-        start_response("404 Not Found", [("Content-Type", "text/plain")])
-        return [b"not found: try /metrics, /healthz or /readyz\n"]
+            try:
+                ok = bool(self.ready())
+            except Exception:  # noqa: BLE001 - a probe answers, whatever the callable does
+                ok = False
+            if ok:
+                return _text(start_response, "200 OK", "ready\n")
+            return _text(start_response, "503 Service Unavailable",
+                         "not ready: transport not connected\n")
+        if path == "/":
+            return _text(start_response, "200 OK",
+                         "swarm-aggregator: /metrics /healthz /readyz\n")
+        return _text(start_response, "404 Not Found",
+                     "not found: try /metrics, /healthz or /readyz\n")
+
+
+def _text(start_response: Callable[..., Any], status: str, text: str) -> list[bytes]:
+    body = text.encode()
+    start_response(status, [("Content-Type", "text/plain; charset=utf-8"),
+                            ("Content-Length", str(len(body))),
+                            ("Cache-Control", "no-store")])
+    return [body]
