@@ -63,24 +63,33 @@ class Strategy:
         """Aggregate windows; `stacks[i]` is window i's float32 logits of shape (M, B, A).
 
         `weights[i]`, when given and not None, holds window i's per-model weights (M,).
+        A convenience over `aggregate`, which takes windows of one shape already stacked.
         """
         results: list[Result | None] = [None] * len(stacks)
         groups: dict[tuple[int, ...], list[int]] = {}
         for i, s in enumerate(stacks):
             groups.setdefault(s.shape, []).append(i)
         for idx in groups.values():
-            x = torch.from_numpy(np.stack([stacks[i] for i in idx]))   # (W, M, B, A)
-            det = torch.tensor([deterministic[i] for i in idx])
+            x = np.stack([stacks[i] for i in idx])                       # (W, M, B, A)
+            det = np.array([deterministic[i] for i in idx], dtype=bool)
             w = None
             if weights is not None and any(weights[i] is not None for i in idx):
                 m = x.shape[1]
-                w = torch.from_numpy(np.stack([
-                    weights[i] if weights[i] is not None else np.ones(m, np.float32)
-                    for i in idx]).astype(np.float32))                   # (W, M)
-            actions, credit, agree = self._run(x, det, w)
+                w = np.stack([weights[i] if weights[i] is not None else np.ones(m, np.float32)
+                              for i in idx]).astype(np.float32)          # (W, M)
+            actions, credit, agree = self.aggregate(x, det, w)
             for j, i in enumerate(idx):
                 results[i] = Result(actions[j], credit[j], agree[j])
         return results  # type: ignore[return-value]
+
+    def aggregate(self, x: np.ndarray, det: np.ndarray, w: np.ndarray | None = None
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Windows of one shape: x (W, M, B, A) float32, det (W,) bool, w (W, M) or None.
+
+        Returns actions (W, B) int64, credit (W, M, B) float32, agree (W, M, B) bool.
+        """
+        return self._run(torch.from_numpy(x), torch.from_numpy(det),
+                         None if w is None else torch.from_numpy(w))
 
     def _run(self, x: torch.Tensor, det: torch.Tensor, w: torch.Tensor | None
              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

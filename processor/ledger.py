@@ -11,7 +11,7 @@ reply was lost) returns the same report instead of an empty one.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -23,29 +23,63 @@ class Ledger:
     def __init__(self) -> None:
         self.epoch = 0
         self._answered: OrderedDict[str, dict[str, Any]] = OrderedDict()
-        self._clear()
-
-    def _clear(self) -> None:
-        self.totals: dict[str, float] = {}
+        # Models get an index on first sight; the sums are arrays over those indices, so a
+        # burst of windows is booked with a few bincounts instead of a loop per model.
+        self._index: dict[str, int] = {}
+        self.names: list[str] = []
+        self._credit = np.zeros(64)
+        self._taken = np.zeros(64, dtype=np.int64)   # environment steps taken part in
+        self._agreed = np.zeros(64, dtype=np.int64)
         self.steps = 0                     # environment steps decided in this period
-        self.taken: dict[str, int] = {}    # environment steps each model took part in
-        self.agreed: dict[str, int] = {}
         self.missed: dict[str, int] = {}
 
-    def add(self, models: Iterable[str], credit: np.ndarray,
+    def _ids(self, windows: Iterable[Iterable[str]]) -> np.ndarray:
+        index = self._index
+        out = []
+        for models in windows:
+            for m in models:
+                i = index.get(m)
+                if i is None:
+                    i = index[m] = len(self.names)
+                    self.names.append(m)
+                out.append(i)
+        n = len(self.names)
+        if n > len(self._credit):
+            grow = max(n, 2 * len(self._credit))
+            self._credit = np.resize(self._credit, grow)
+            self._taken = np.resize(self._taken, grow)
+            self._agreed = np.resize(self._agreed, grow)
+            self._credit[n:] = 0
+            self._taken[n:] = 0
+            self._agreed[n:] = 0
+        return np.array(out, dtype=np.intp)
+
+    def add_many(self, windows: Sequence[Sequence[str]], credit: np.ndarray,
+                 agree: np.ndarray | None = None) -> list[tuple[str, float]]:
+        """Windows of one shape: their models, credit (W, M, B), agree (W, M, B).
+
+        Returns each model's credit from these windows, for the metrics.
+        """
+        w, m, b = credit.shape
+        ids = self._ids(windows)
+        n = len(self.names)
+        per = np.bincount(ids, weights=credit.sum(axis=-1, dtype=np.float64).ravel(),
+                          minlength=n)
+        self._credit[:n] += per
+        self._taken[:n] += np.bincount(ids, minlength=n) * b
+        if agree is not None:
+            self._agreed[:n] += np.bincount(ids, weights=agree.sum(axis=-1).ravel(),
+                                            minlength=n).astype(np.int64)
+        self.steps += w * b
+        names = self.names
+        return [(names[i], float(per[i])) for i in np.flatnonzero(per).tolist()]
+
+    def add(self, models: Sequence[str], credit: np.ndarray,
             agree: np.ndarray | None = None) -> None:
         """One window: credit (M,) or (M, B); agree, the same shape, as booleans."""
-        batch = credit.shape[1] if credit.ndim > 1 else 1
-        per_model = credit.sum(axis=-1, dtype=np.float64) if credit.ndim > 1 else credit
-        agreed = (agree.reshape(len(per_model), -1).sum(axis=-1).tolist()
-                  if agree is not None else None)
-        totals, taken, agreed_d = self.totals, self.taken, self.agreed
-        for i, (m, c) in enumerate(zip(models, per_model.tolist())):
-            totals[m] = totals.get(m, 0.0) + c
-            taken[m] = taken.get(m, 0) + batch
-            if agreed is not None:
-                agreed_d[m] = agreed_d.get(m, 0) + agreed[i]
-        self.steps += batch
+        c = credit.reshape(len(models), -1)[None]
+        a = None if agree is None else agree.reshape(len(models), -1)[None]
+        self.add_many([models], c, a)
 
     def miss(self, models: Iterable[str]) -> None:
         """Count one missed window for each of these models."""
@@ -53,11 +87,19 @@ class Ledger:
         for m in models:
             missed[m] = missed.get(m, 0) + 1
 
+    def _present(self) -> list[int]:
+        return np.flatnonzero(self._taken[:len(self.names)]).tolist()
+
+    def peek(self) -> dict[str, float]:
+        return {self.names[i]: float(self._credit[i]) for i in self._present()}
+
     def report(self, strategy: str = "") -> dict[str, Any]:
         """The period so far, as the evolution reply carries it."""
+        present = self._present()
+        names = self.names
         out: dict[str, Any] = {
-            "CONTRIBUTION": dict(self.totals),
-            "AGREEMENT": {m: self.agreed.get(m, 0) / n for m, n in self.taken.items() if n},
+            "CONTRIBUTION": {names[i]: float(self._credit[i]) for i in present},
+            "AGREEMENT": {names[i]: float(self._agreed[i] / self._taken[i]) for i in present},
             "MISSED": dict(self.missed),
             "STEPS": self.steps,
             "EPOCH": self.epoch,
@@ -66,12 +108,13 @@ class Ledger:
             out["STRATEGY"] = strategy
         return out
 
-    def peek(self) -> dict[str, float]:
-        return dict(self.totals)
-
     def reset(self) -> None:
         """Start the next period without reporting."""
-        self._clear()
+        self._credit[:] = 0
+        self._taken[:] = 0
+        self._agreed[:] = 0
+        self.steps = 0
+        self.missed = {}
         self.epoch += 1
 
     def take(self, request_id: str | None = None, strategy: str = "") -> dict[str, Any]:

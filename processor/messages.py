@@ -31,6 +31,36 @@ class Logits:
     token: Any = None             # the transport's delivery token (acknowledging transports)
 
 
+F32_MAX = float(np.finfo(np.float32).max)
+SMALL_ROW = 256  # longer rows are checked in numpy, where that is cheaper than in Python
+
+
+def _convert_rows(raw: list[Any], sender: str, max_actions: int, max_batch: int) -> np.ndarray:
+    """LOGITS as float32 (B, A): the general path (batches, long rows)."""
+    try:
+        with np.errstate(over="ignore", invalid="ignore"):  # past float32: inf, refused below
+            arr = np.array(raw, dtype=np.float32)
+    except (ValueError, TypeError, OverflowError):
+        raise DecodeError("bad_logits", "LOGITS must hold numbers (rows of equal length)",
+                          sender) from None
+    if arr.ndim == 1:
+        arr = arr.reshape(1, -1)
+    elif arr.ndim != 2:
+        raise DecodeError("bad_logits", f"LOGITS has {arr.ndim} levels; 1 or 2 allowed", sender)
+    b, a = arr.shape
+    if a == 0:
+        raise DecodeError("bad_logits", "empty rows", sender)
+    if a > max_actions or b > max_batch:
+        raise DecodeError("bad_logits", f"shape {b}x{a} over limits {max_batch}x{max_actions}",
+                          sender)
+    if not np.isfinite(arr).all():
+        if np.isnan(arr).any():  # orjson yields no NaN: it was a null
+            raise DecodeError("bad_logits", "null among LOGITS", sender)
+        # Float32 is the seed's precision: a finite JSON value past 3.4e38 is infinite here.
+        raise DecodeError("non_finite", "logits beyond float32 range", sender)
+    return arr
+
+
 def decode_object(payload: bytes, max_bytes: int) -> dict[str, Any]:
     """Parse one JSON object, refusing it unparsed when it is over `max_bytes`."""
     if len(payload) > max_bytes:
@@ -62,59 +92,53 @@ def parse_logits(obj: dict[str, Any], key_fields: Sequence[str],
         cid = obj["COMPONENT_ID"]
     except KeyError as e:
         raise DecodeError("missing_field", f"no {e.args[0]}") from None
-    if isinstance(cid, str):
-        if not cid:
-            raise DecodeError("bad_component_id", "empty COMPONENT_ID")
+    if cid.__class__ is str and cid:
         model = cid
+    elif isinstance(cid, str):
+        raise DecodeError("bad_component_id", "empty COMPONENT_ID")
     elif isinstance(cid, (int, float)) and not isinstance(cid, bool):
         model = str(cid)
     else:
         raise DecodeError("bad_component_id", f"COMPONENT_ID of type {type(cid).__name__}")
     sender = model[:64]
 
-    if not isinstance(raw, list) or not raw:
+    if raw.__class__ is not list or not raw:
         raise DecodeError("bad_logits", "LOGITS must be a non-empty list", sender)
-    try:
-        with np.errstate(over="ignore", invalid="ignore"):  # past float32: inf, refused below
-            arr = np.array(raw, dtype=np.float32)
-    except (ValueError, TypeError, OverflowError):
-        raise DecodeError("bad_logits", "LOGITS must hold numbers (rows of equal length)",
-                          sender) from None
-    if arr.ndim == 1:
-        arr = arr.reshape(1, -1)
-    elif arr.ndim != 2:
-        raise DecodeError("bad_logits", f"LOGITS has {arr.ndim} levels; 1 or 2 allowed", sender)
-    b, a = arr.shape
-    if a == 0:
-        raise DecodeError("bad_logits", "empty rows", sender)
-    if a > max_actions or b > max_batch:
-        raise DecodeError("bad_logits", f"shape {b}x{a} over limits {max_batch}x{max_actions}",
-                          sender)
-    if not np.isfinite(arr).all():
-        # Float32 is the seed's precision: a finite JSON value past 3.4e38 is infinite here.
-        raise DecodeError("non_finite", "NaN, null or infinite logits (in float32)", sender)
+    n = len(raw)
+    if raw[0].__class__ is not list and n <= SMALL_ROW:
+        # The common case, one short row: check range in Python (orjson never yields NaN
+        # or inf, so min and max bound every element) and convert once, with no overflow.
+        if n > max_actions:
+            raise DecodeError("bad_logits", f"{n} actions over limit {max_actions}", sender)
+        try:
+            in_range = -F32_MAX <= min(raw) and max(raw) <= F32_MAX
+        except TypeError:
+            raise DecodeError("bad_logits", "LOGITS must hold numbers", sender) from None
+        if not in_range:
+            raise DecodeError("non_finite", "logits beyond float32 range", sender)
+        try:
+            arr = np.array(raw, dtype=np.float32).reshape(1, n)
+        except (ValueError, TypeError, OverflowError):
+            raise DecodeError("bad_logits", "LOGITS must hold numbers", sender) from None
+    else:
+        arr = _convert_rows(raw, sender, max_actions, max_batch)
 
     det = obj.get("DETERMINISTIC")
-    if det is not None and not isinstance(det, bool):
+    if det is not None and det.__class__ is not bool:
         raise DecodeError("bad_deterministic", f"DETERMINISTIC of type {type(det).__name__}",
                           sender)
 
     key: tuple[Any, ...] = ()
     if key_fields:
-        values = []
-        for f in key_fields:
-            v = obj.get(f)
-            if isinstance(v, bool) or not isinstance(v, (str, int)):
+        key = tuple([obj.get(f) for f in key_fields])
+        for f, v in zip(key_fields, key):
+            # exact classes: bool (a subclass of int) and floats are no step key
+            if v.__class__ is not int and v.__class__ is not str:
                 raise DecodeError("bad_key", f"step-key field {f} is {v!r}", sender)
-            values.append(v)
-        key = tuple(values)
 
     extra = None
-    for f in PROPAGATED:
-        if f in obj:
-            if extra is None:
-                extra = {}
-            extra[f] = obj[f]
+    if "ROOT_ID" in obj or "MODEL_STATUS" in obj:
+        extra = {f: obj[f] for f in PROPAGATED if f in obj}
     return Logits(model, arr, det, key, extra)
 
 

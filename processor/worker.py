@@ -87,6 +87,7 @@ class Worker:
         pending: list[Closed] = []
         settled: list[Any] = []  # tokens of rejected messages (acknowledging transports)
         lim = self.limits
+        n_logits = n_evolution = 0
         for topic, payload, at, token in batch:
             obj: dict[str, Any] | None = None
             if topic is None:
@@ -106,8 +107,8 @@ class Worker:
                     topic = room
                 else:
                     continue
-            self.metrics.receive(topic)
             if topic == self.t_logits:
+                n_logits += 1
                 try:
                     if obj is None:
                         obj = decode_object(payload, lim.max_message_bytes)
@@ -120,6 +121,7 @@ class Worker:
                     if token is not None:
                         settled.append(token)
             elif topic == self.t_evolution:
+                n_evolution += 1
                 if obj is None:
                     if b'"CMD"' not in payload:
                         continue  # WEIGHTS and the like: not for us, never parsed
@@ -133,6 +135,10 @@ class Worker:
                     await self._flush(pending)
                     pending = []
                     await self._command(cmd, obj)
+        if n_logits:
+            self.metrics.receive(self.t_logits, n_logits)
+        if n_evolution:
+            self.metrics.receive(self.t_evolution, n_evolution)
         pending += self.windows.expire(self.clock())
         await self._flush(pending)
         if settled:
@@ -165,40 +171,52 @@ class Worker:
             await self.transport.settle(tokens)
 
     async def _publish(self, todo: list[Closed]) -> None:
+        # Windows of one shape (models, environments, actions) are aggregated together.
+        groups: dict[tuple[int, ...], list[Closed]] = {}
+        for c in todo:
+            models = c.window.models
+            groups.setdefault((len(models), *next(iter(models.values())).shape), []).append(c)
+        for (m, b, a), group in groups.items():
+            await self._publish_group(group, m, b, a)
+
+    async def _publish_group(self, group: list[Closed], m: int, b: int, a: int) -> None:
         t0 = time.perf_counter()
-        stacks = [_stack(c) for c in todo]
-        dets = [c.window.deterministic if c.window.deterministic is not None
-                else self.default_det for c in todo]
+        x = np.stack([v for c in group for v in c.window.models.values()]).reshape(
+            len(group), m, b, a)
+        default = self.default_det
+        det = np.array([default if c.window.deterministic is None else c.window.deterministic
+                        for c in group], dtype=bool)
         weights = None
         if self.weights:
-            w = self.weights
-            weights = [np.array([w.get(m, 1.0) for m in c.window.models], np.float32)
-                       for c in todo]
-        results = self.strategy(stacks, dets, weights)
-        self.metrics.aggregation.observe((time.perf_counter() - t0) / len(todo))
-        key_fields = self.key_fields
-        for c, r in zip(todo, results):
+            wt = self.weights
+            weights = np.array([[wt.get(k, 1.0) for k in c.window.models] for c in group],
+                               dtype=np.float32)
+        actions, credit, agree = self.strategy.aggregate(x, det, weights)
+        self.metrics.aggregation.observe((time.perf_counter() - t0) / len(group))
+        windows = [list(c.window.models) for c in group]
+        per_model = self.ledger.add_many(windows, credit, agree)
+        key_fields, acks = self.key_fields, self.acks
+        stamp, publish, t_action = self.transport.stamp, self.transport.publish, self.t_action
+        for c, act in zip(group, actions.tolist()):
             win = c.window
-            models = list(win.models)
-            msg: dict[str, Any] = {"ACTION": r.actions.tolist()}
+            msg: dict[str, Any] = {"ACTION": act}
             for f, v in zip(key_fields, win.key):
                 msg[f] = v
             if c.partial:
                 msg["PARTIAL"] = True
-                msg["MODELS"] = len(models)
+                msg["MODELS"] = m
             if win.extra:
                 msg.update(win.extra)
-            stamp = self.transport.stamp(self.t_action)
-            if stamp:
-                msg.update(stamp)
-            dedup = "|".join(map(str, win.key)) if self.acks else None
-            await self.transport.publish(self.t_action, encode(msg), dedup)
-            self.published += 1
-            self.ledger.add(models, r.credit, r.agree)
-            credit = r.credit.sum(axis=1) if r.credit.shape[1] > 1 else r.credit[:, 0]
+            extra = stamp(t_action)
+            if extra:
+                msg.update(extra)
+            await publish(t_action, encode(msg), "|".join(map(str, win.key)) if acks else None)
             now = self.clock()
-            self.metrics.published(now - win.first_at, now - win.last_at, r.credit.shape[1])
-            self.metrics.credit(models, credit.tolist())
+            self.metrics.published(now - win.first_at, now - win.last_at, b)
+        self.published += len(group)
+        if per_model:
+            names, credits = zip(*per_model)
+            self.metrics.credit(names, credits)
 
     async def _command(self, cmd: str, request: dict[str, Any]) -> None:
         """Answer one evolution command (see COMMANDS)."""
@@ -262,5 +280,3 @@ class Worker:
                 self.metrics.ready.set(0)
 
 
-def _stack(c: Closed) -> np.ndarray:
-    return np.stack(list(c.window.models.values()))

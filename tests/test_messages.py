@@ -60,7 +60,11 @@ def test_step_key_and_propagated_fields():
     (b'{"LOGITS": ["a", "b"], "COMPONENT_ID": "a"}', "bad_logits"),
     (b'{"LOGITS": [[1, 2], [3]], "COMPONENT_ID": "a"}', "bad_logits"),
     (b'{"LOGITS": [[[1, 2]]], "COMPONENT_ID": "a"}', "bad_logits"),
-    (b'{"LOGITS": [1, null], "COMPONENT_ID": "a"}', "non_finite"),   # null reads as NaN
+    (b'{"LOGITS": [1, null], "COMPONENT_ID": "a"}', "bad_logits"),
+    (b'{"LOGITS": [[1, 2], [null, 3]], "COMPONENT_ID": "a"}', "bad_logits"),
+    (b'{"LOGITS": [[1, 2], [3.5e38, 3]], "COMPONENT_ID": "a"}', "non_finite"),
+    (b'{"LOGITS": [1, 2, 3, true], "COMPONENT_ID": "a", "X": [' + b"1," * 300 + b'1]}',
+     "ok"),
     (b'{"LOGITS": {"0": 1}, "COMPONENT_ID": "a"}', "bad_logits"),
     (b'{"LOGITS": [1, 1e39], "COMPONENT_ID": "a"}', "non_finite"),     # inf in float32
     (b'{"LOGITS": [1, -1e300], "COMPONENT_ID": "a"}', "non_finite"),
@@ -68,7 +72,23 @@ def test_step_key_and_propagated_fields():
     (b'{"LOGITS": [1, 2], "COMPONENT_ID": "a", "DETERMINISTIC": 1}', "bad_deterministic"),
 ])
 def test_named_bad_inputs(payload, reason):
+    if reason == "ok":
+        parse(payload)
+        return
     assert reason_of(payload) == reason
+
+
+@pytest.mark.parametrize("n", [3, 300])  # the short-row and the general path
+def test_both_paths_agree(n):
+    row = np.random.default_rng(n).normal(0, 1e30, n).tolist()
+    short = parse(orjson.dumps({"LOGITS": row, "COMPONENT_ID": "a"}))
+    batch = parse(orjson.dumps({"LOGITS": [row], "COMPONENT_ID": "a"}))
+    assert short.logits.tobytes() == batch.logits.tobytes()
+    for bad, reason in ((3.5e38, "non_finite"), (None, "bad_logits"), ("x", "bad_logits"),
+                        ([1.0], "bad_logits")):
+        for payload in ({"LOGITS": row + [bad], "COMPONENT_ID": "a"},
+                        {"LOGITS": [row + [bad]], "COMPONENT_ID": "a"}):
+            assert reason_of(orjson.dumps(payload)) == reason
 
 
 def test_nan_and_infinity_are_non_finite():
@@ -147,5 +167,7 @@ def test_fuzz_json_objects_are_accepted_only_when_valid(obj):
     # Accepted: then it really is valid.
     assert m.logits.ndim == 2 and m.logits.size > 0
     assert all(math.isfinite(v) for v in m.logits.ravel().tolist())
+    assert m.logits.tolist() == np.array(obj["LOGITS"], dtype=np.float32).reshape(
+        m.logits.shape).tolist()
     assert isinstance(obj["STEP"], (int, str)) and not isinstance(obj["STEP"], bool)
     assert obj.get("DETERMINISTIC") is None or isinstance(obj["DETERMINISTIC"], bool)
