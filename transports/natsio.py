@@ -396,21 +396,20 @@ class NatsTransport:
         if not msg.reply:  # a status: heartbeat, request expired, consumer gone
             await self._on_status(msg, now)
             return
-        md = msg.metadata
-        pull = self._by_consumer.get(md.consumer or "")
+        consumer, delivered, seq = _ack_fields(msg.reply)
+        pull = self._by_consumer.get(consumer)
         if pull is not None:
             pull.outstanding = max(0, pull.outstanding - 1)
             pull.seen = now
-        seq = md.sequence.stream
-        if md.num_delivered > 1:
+        if delivered > 1:
             self.redelivered += 1
         held = self._held.get(seq)
         if held is not None:
             # Redelivered while this worker still holds it (an ack or a progress note was
             # lost): the window has it already; settle the newest delivery later.
             held.msg, held.at = msg, now
-        elif md.num_delivered > self.cfg.max_deliver:
-            self._spawn(self._dead_letter(msg, seq, md.num_delivered))
+        elif delivered > self.cfg.max_deliver:
+            self._spawn(self._dead_letter(msg, seq, delivered))
         else:
             held = _Held(msg, seq, now)
             self._held[seq] = held
@@ -651,8 +650,10 @@ class NatsTransport:
 def connect_options(n: NatsConfig, name: str) -> dict[str, Any]:
     """nats.connect() keyword arguments from the config (servers, credentials, TLS)."""
     options: dict[str, Any] = {
-        "servers": n.servers, "name": name, "allow_reconnect": True, "max_reconnect_attempts": -1,
-        "reconnect_time_wait": n.reconnect_wait_s, "connect_timeout": 2}
+        "servers": n.servers, "name": name, "allow_reconnect": True,
+        "max_reconnect_attempts": -1, "reconnect_time_wait": n.reconnect_wait_s,
+        "connect_timeout": 2,
+        "skip_subject_validation": True}  # its subjects are checked once, in the config
     if n.user:
         options.update(user=n.user, password=n.password)
     if n.token:
@@ -660,6 +661,17 @@ def connect_options(n: NatsConfig, name: str) -> dict[str, Any]:
     if n.tls_ca or n.tls_cert:
         options["tls"] = _tls_context(n)
     return options
+
+
+def _ack_fields(reply: str) -> tuple[str, int, int]:
+    """(consumer, delivery count, stream sequence) from a JetStream message's reply subject.
+
+    `$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<time>.<pending>`,
+    or the newer form with `<domain>.<account hash>` after ACK and a token at the end.
+    """
+    t = reply.split(".")
+    i = 3 if len(t) == 9 else 5
+    return t[i], int(t[i + 1]), int(t[i + 2])
 
 
 def _last_int(subject: str) -> int:
