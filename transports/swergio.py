@@ -12,7 +12,16 @@ reconnects with exponential backoff and joins its rooms again. The protocol has 
 authentication: keep the server on loopback or a private network.
 
 Unlike swergio's own client, every frame goes out in one write with TCP_NODELAY on, so no
-step waits on Nagle's algorithm and delayed ACKs.
+step waits on Nagle's algorithm and delayed ACKs. The other direction is the server's: the
+swergio 0.0.2 server writes each frame as two writes (header, then body) with Nagle's
+algorithm on, so the body waits for the ACK of the header, which Linux delays by up to 40 ms
+once a connection is interactive. The worker therefore acknowledges every header at once
+(TCP_QUICKACK, where the platform has it).
+
+Reconnecting: the delay between attempts doubles (from `reconnect_min_s` to
+`reconnect_max_s`) while attempts fail, and also while connections die young (a server that
+accepts and then drops us, or sends a stream we cannot read); it starts again from the
+minimum after a connection that delivered a frame or lasted `reconnect_max_s`.
 """
 
 from __future__ import annotations
@@ -34,6 +43,8 @@ from .base import MAX_BURST, Envelope, RejectHook
 
 log = logging.getLogger("swarm_aggregator.swergio")
 
+QUICKACK = getattr(socket, "TCP_QUICKACK", None)  # Linux only
+CONNECT_TIMEOUT_S = 10.0
 INBOX_LIMIT = 100_000  # frames read but not yet taken; past it, stop reading (TCP backpressure)
 DISCARD_CHUNK = 1 << 20
 
@@ -74,6 +85,7 @@ class SwergioTransport:
         self._has_room.set()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
+        self._frames = 0        # frames read on the current connection
 
     async def __aenter__(self) -> Self:
         self._task = asyncio.create_task(self._run(), name="swergio-connection")
@@ -102,41 +114,50 @@ class SwergioTransport:
         return frame(orjson.dumps(obj), self.cfg.header_length)
 
     async def _run(self) -> None:
-        delay = self.cfg.reconnect_min_s
+        cfg = self.cfg
+        delay = cfg.reconnect_min_s
         while not self._closing:
             try:
-                reader, writer = await asyncio.open_connection(self.cfg.host, self.cfg.port)
-            except OSError as e:
+                reader, writer = await asyncio.wait_for(
+                    asyncio.open_connection(cfg.host, cfg.port), CONNECT_TIMEOUT_S)
+            except OSError as e:  # TimeoutError included
                 log.warning("swergio server %s:%s unreachable (%s); retrying in %.1fs",
-                            self.cfg.host, self.cfg.port, e, delay)
+                            cfg.host, cfg.port, e or type(e).__name__, delay)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, self.cfg.reconnect_max_s)
+                delay = min(delay * 2, cfg.reconnect_max_s)
                 continue
-            sock = writer.get_extra_info("socket")
-            if sock is not None:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._writer = writer
+            self._frames = 0
+            since = time.monotonic()
             try:
+                sock = writer.get_extra_info("socket")
+                if sock is not None:
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 self._join(writer)
                 await writer.drain()
                 self.ready = True
                 self.connects += 1
-                delay = self.cfg.reconnect_min_s
-                log.info("swergio: connected to %s:%s as %r, rooms %s", self.cfg.host,
-                         self.cfg.port, self.cfg.name, ", ".join(self.rooms[1:]))
-                await self._read(reader)
-                log.warning("swergio server closed the connection; reconnecting")
+                log.info("swergio: connected to %s:%s as %r, rooms %s", cfg.host,
+                         cfg.port, cfg.name, ", ".join(self.rooms[1:]))
+                await self._read(reader, sock if QUICKACK is not None else None)
+                if not self._closing:  # (when closing, the server answers DISCONNECT so)
+                    log.warning("swergio server closed the connection; reconnecting")
             except (OSError, asyncio.IncompleteReadError) as e:
                 log.warning("swergio connection lost (%s); reconnecting", e or type(e).__name__)
             except FrameError as e:
                 self.on_reject("bad_frame", str(e))
                 log.error("swergio: %s; reconnecting to resynchronise", e)
+            except Exception:  # this task must outlive any one connection
+                log.exception("swergio: unexpected error; reconnecting")
             finally:
                 self.ready = False
                 self._writer = None
                 writer.close()
+            if self._frames or time.monotonic() - since >= cfg.reconnect_max_s:
+                delay = cfg.reconnect_min_s  # a healthy connection: start the backoff again
             if not self._closing:
                 await asyncio.sleep(delay)
+                delay = min(delay * 2, cfg.reconnect_max_s)
 
     def _join(self, writer: asyncio.StreamWriter) -> None:
         out = [self._frame({"ID": uuid.uuid4().hex, "TYPE": "COMMAND/REGISTER",
@@ -146,7 +167,9 @@ class SwergioTransport:
                                     "ROOM": room, "TO_ROOM": "_command"}))
         writer.write(b"".join(out))
 
-    async def _read(self, reader: asyncio.StreamReader) -> None:
+    async def _read(self, reader: asyncio.StreamReader, quickack: Any = None) -> None:
+        """Frames into the inbox until EOF. `quickack`: the socket, to acknowledge each
+        header at once (see the module's docstring)."""
         hl = self.cfg.header_length
         inbox = self._inbox
         while True:
@@ -156,12 +179,15 @@ class SwergioTransport:
                 if e.partial:
                     raise
                 return  # clean EOF between frames
+            if quickack is not None:
+                quickack.setsockopt(socket.IPPROTO_TCP, QUICKACK, 1)
             n = parse_header(header)
             if n > self.max_bytes:
                 await self._discard(reader, n)
                 self.on_reject("too_large", f"swergio frame of {n} bytes > {self.max_bytes}")
                 continue
             body = await reader.readexactly(n)
+            self._frames += 1
             inbox.append((None, body, time.monotonic(), None))
             self._has_data.set()
             if len(inbox) >= INBOX_LIMIT:
