@@ -74,9 +74,12 @@ class Strategy:
             det = np.array([deterministic[i] for i in idx], dtype=bool)
             w = None
             if weights is not None and any(weights[i] is not None for i in idx):
-                m = x.shape[1]
-                w = np.stack([weights[i] if weights[i] is not None else np.ones(m, np.float32)
-                              for i in idx]).astype(np.float32)          # (W, M)
+                ones = np.ones(x.shape[1], np.float32)
+                rows: list[np.ndarray] = []
+                for i in idx:
+                    wi = weights[i]
+                    rows.append(ones if wi is None else wi)
+                w = np.stack(rows).astype(np.float32)                     # (W, M)
             actions, credit, agree = self.aggregate(x, det, w)
             for j, i in enumerate(idx):
                 results[i] = Result(actions[j], credit[j], agree[j])

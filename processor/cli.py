@@ -95,7 +95,7 @@ def cmd_proxy(args: argparse.Namespace) -> int:
     import zmq
 
     _setup_logging("INFO")
-    ctx = zmq.Context.instance()
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
     xsub = ctx.socket(zmq.XSUB)
     xpub = ctx.socket(zmq.XPUB)
     xsub.bind(args.xsub)

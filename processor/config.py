@@ -10,6 +10,7 @@ Any unknown key, wrong type or out-of-range value raises `ConfigError` naming th
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 import typing
@@ -376,7 +377,7 @@ def _validate(cfg: Config) -> None:
          f"unknown strategy {a.strategy!r} (valid: {', '.join(STRATEGIES)})")
     need(a.temperature > 0, "aggregate.temperature", "must be > 0")
     for m, wt in a.weights.items():
-        need(wt >= 0 and wt == wt and wt != float("inf"), f"aggregate.weights.{m}",
+        need(math.isfinite(wt) and wt >= 0, f"aggregate.weights.{m}",
              "must be a finite number >= 0")
     need(0 <= cfg.metrics.port < 65536, "metrics.port", "must be 0..65535")
     need(cfg.metrics.max_models >= 0, "metrics.max_models", "must be >= 0")

@@ -60,7 +60,7 @@ class Ledger:
 
         Returns each model's credit from these windows, for the metrics.
         """
-        w, m, b = credit.shape
+        w, _, b = credit.shape
         ids = self._ids(windows)
         n = len(self.names)
         per = np.bincount(ids, weights=credit.sum(axis=-1, dtype=np.float64).ravel(),

@@ -133,7 +133,7 @@ def plot(runs: list[Run], swarm: Swarm, path: Path) -> bool:
     ref = next(r for r in det if r.strategy == "sum_probs")
     shares = np.array(ref.shares)
     colors = {"good": "tab:green", "noisy": "tab:gray", "adversarial": "tab:red"}
-    for i, (n, k) in enumerate(zip(swarm.names, swarm.kinds)):
+    for i, k in enumerate(swarm.kinds):
         axes[1].plot(shares[:, i], color=colors[k], alpha=0.8,
                      label=k if swarm.kinds.index(k) == i else None)
     axes[1].set_xlabel("period (GET)")

@@ -8,8 +8,17 @@ import time
 import numpy as np
 import pytest
 
-from tests.procs import (ZmqPeer, cli, free_port, metric, output, process, rss_mb, wait_for,
-                         worker_env)
+from tests.procs import (
+    ZmqPeer,
+    cli,
+    free_port,
+    metric,
+    output,
+    process,
+    rss_mb,
+    wait_for,
+    worker_env,
+)
 from tests.reference import sum_probs
 
 pytestmark = pytest.mark.timeout(120)

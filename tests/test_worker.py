@@ -77,7 +77,7 @@ async def test_lockstep_steps_actions_and_get_reset():
     rng = np.random.default_rng(1)
     async with Rig(window={"models": 4, "timeout_ms": 0}) as rig:
         expected: dict[str, float] = {}
-        for step in range(30):
+        for _ in range(30):
             x = logits_for(rng, 4)
             for m in range(4):
                 rig.send({"LOGITS": x[m].tolist(), "COMPONENT_ID": m, "DETERMINISTIC": True})

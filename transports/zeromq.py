@@ -120,10 +120,10 @@ class ZmqTransport:
     async def receive(self, timeout: float | None) -> list[Envelope]:
         sub = self._sub
         assert sub is not None, "use 'async with transport'"
-        if not sub.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        if not _pollin(sub):
             self._readable.clear()
             # Reading EVENTS re-arms the edge; a message may have come in between.
-            if not sub.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            if not _pollin(sub):
                 try:
                     await asyncio.wait_for(self._readable.wait(), timeout)
                 except TimeoutError:
@@ -159,6 +159,10 @@ class ZmqTransport:
         return None
 
 
+def _pollin(sock: zmq.Socket) -> bool:
+    return bool(int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN)
+
+
 def _certificate(path: str, key: str) -> tuple[bytes, bytes | None]:
     import zmq.auth
 
@@ -181,7 +185,7 @@ def generate_keys(folder: str, name: str) -> tuple[str, str]:
 
 def _attach(sock: zmq.Socket, endpoint: str, bind: bool) -> str:
     if bind:
-        if endpoint.endswith(":0") or endpoint.endswith(":*"):
+        if endpoint.endswith((":0", ":*")):
             base = endpoint.rsplit(":", 1)[0]
             port = sock.bind_to_random_port(base)
             return f"{base}:{port}"
