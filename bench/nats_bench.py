@@ -34,7 +34,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -206,10 +206,8 @@ class ZmqDriver(Driver):
             if time.monotonic() > end:
                 raise SystemExit("the ZeroMQ worker never answered")
             await self.pub.send_multipart([b"evolution", b'{"CMD": "GET"}'])
-            try:
+            with suppress(TimeoutError):
                 await asyncio.wait_for(self.replied.wait(), 0.2)
-            except TimeoutError:
-                pass
 
     async def _read(self) -> None:
         while True:

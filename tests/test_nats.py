@@ -158,7 +158,7 @@ async def test_nats_server_restart_mid_run_workers_reconnect(server):
     async def stored() -> int:
         try:
             return (await swarm.js.stream_info("SWARM_ACTIONS")).state.messages
-        except Exception:  # noqa: BLE001 - the server is coming back
+        except Exception:  # the server is coming back
             return -1
 
     async with Swarm(server.url) as swarm:
@@ -231,7 +231,7 @@ async def _stream(swarm: Swarm) -> bool:
     try:
         await swarm.js.stream_info("SWARM_ACTIONS")
         return True
-    except Exception:  # noqa: BLE001
+    except Exception:
         return False
 
 
@@ -266,7 +266,7 @@ async def test_a_message_past_max_deliver_goes_to_dead_letters(server):
 async def _count(swarm: Swarm, stream: str) -> int:
     try:
         return (await swarm.js.stream_info(stream)).state.messages
-    except Exception:  # noqa: BLE001
+    except Exception:
         return -1
 
 

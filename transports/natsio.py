@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import os
 import socket
@@ -300,7 +301,7 @@ class NatsTransport:
             except ConfigError:
                 await nc.close()
                 raise
-            except Exception as e:  # noqa: BLE001 - JetStream not ready yet (cluster election)
+            except Exception as e:  # JetStream not ready yet (cluster election)
                 if time.monotonic() > deadline:
                     await nc.close()
                     raise ConnectionError(f"JetStream not available: {e!r}") from None
@@ -343,10 +344,8 @@ class NatsTransport:
         if nc is None:
             return
         for sub in self._subs:
-            try:
+            with contextlib.suppress(Exception):  # closing anyway
                 await sub.unsubscribe()
-            except Exception:  # noqa: BLE001,S110 - closing anyway
-                pass
         if self._unconfirmed:
             # Actions published but never settled (the worker stopped between the two):
             # nothing to acknowledge, their windows' messages come back.
@@ -361,13 +360,11 @@ class NatsTransport:
         for h in list(self._held.values()):
             try:
                 await h.msg.nak()
-            except Exception as e:  # noqa: BLE001 - it comes back after ack_wait then
+            except Exception as e:  # it comes back after ack_wait then
                 log.debug("nats: nak not sent (%r)", e)
         self._held.clear()
-        try:
+        with contextlib.suppress(Exception):
             await nc.flush(timeout=2)
-        except Exception:  # noqa: BLE001,S110
-            pass
         await nc.close()
         if self.dead_letters or self.duplicates:
             log.info("nats: %d dead letters, %d duplicate actions suppressed by the stream",
@@ -456,7 +453,7 @@ class NatsTransport:
         pull.seen = time.monotonic()
         try:
             await nc.publish(pull.next_subject, body, reply=pull.inbox)
-        except Exception as e:  # noqa: BLE001 - disconnected: the keeper asks again
+        except Exception as e:  # disconnected: the keeper asks again
             pull.outstanding -= want
             self._trouble("pull", "cannot pull: %r", e)
 
@@ -485,7 +482,7 @@ class NatsTransport:
                     await self._pull(pull)
             except asyncio.CancelledError:
                 raise
-            except Exception as e:  # noqa: BLE001 - try again at the next tick
+            except Exception as e:  # try again at the next tick
                 self._trouble("keeper", "%r", e)
 
     # -- out -----------------------------------------------------------------------------
@@ -510,7 +507,7 @@ class NatsTransport:
         try:
             await nc.publish(topic, payload)
             return True
-        except Exception as e:  # noqa: BLE001 - core NATS is at-most-once; the peer asks again
+        except Exception as e:  # core NATS is at-most-once; the peer asks again
             self._trouble("publish", "cannot publish on %s: %r", topic, e)
             return False
 
@@ -520,7 +517,7 @@ class NatsTransport:
         try:
             pub.future = await js.publish_async(pub.subject, pub.payload, headers=pub.headers,
                                                 stream=self.cfg.action_stream)
-        except Exception as e:  # noqa: BLE001 - disconnected and buffer full: sent again
+        except Exception as e:  # disconnected and buffer full: sent again
             pub.future = None
             self._trouble("send", "action not sent (%r); will retry", e)
 
@@ -578,7 +575,7 @@ class NatsTransport:
                 del held[seq]
             try:
                 await t.msg.ack()
-            except Exception as e:  # noqa: BLE001 - redelivered later; then late or a duplicate
+            except Exception as e:  # redelivered later; then late or a duplicate
                 self._trouble("ack", "ack not sent (%r)", e)
 
     async def _dead_letter(self, msg: Msg, seq: int, delivered: int) -> None:
@@ -600,14 +597,14 @@ class NatsTransport:
                     else:
                         await nc.publish(n.dead_letter_subject, msg.data, headers=headers)
                     break
-                except Exception as e:  # noqa: BLE001
+                except Exception as e:
                     if self._closing:
                         return  # not terminated: it comes back, and is dead-lettered then
                     self._trouble("dead", "dead letter not stored (%r); will retry", e)
                     await asyncio.sleep(1.0)
         try:
             await msg.term()
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             self._trouble("ack", "term not sent (%r)", e)
 
     def stamp(self, topic: str) -> dict[str, Any] | None:
@@ -754,10 +751,8 @@ async def gather(cfg: Config, command: str = "GET", timeout: float = 5.0,
             resend = time.monotonic() + 0.5
             while missing() and (left := min(resend, end) - time.monotonic()) > 0:
                 arrived.clear()
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(arrived.wait(), left)
-                except TimeoutError:
-                    pass
     finally:
         await nc.close()
     merged = merge_replies(list(replies.values()))
