@@ -688,7 +688,7 @@ def _tls_context(n: NatsConfig) -> ssl.SSLContext:
     return ctx
 
 
-# -- operators' helpers: python -m transports.natsio setup | get | status ------------------
+# -- operators' helpers: python -m transports.natsio setup | get | peek | status | drive --
 
 
 async def _quiet(e: Exception) -> None:
@@ -787,6 +787,74 @@ async def status(cfg: Config) -> dict[str, Any]:
         await nc.close()
 
 
+async def drive(cfg: Config, models: int = 8, actions: int = 6, envs: int = 16,
+                rate: float = 10.0, steps: int = 0) -> tuple[int, int]:
+    """Simulated models and environments: every 1/rate s, each environment's next step.
+
+    Publishes on logits.<env> with JetStream (PubAck) and reads the live actions; prints a
+    line a second. Environment ids carry a random run id, so a restarted driver never
+    reuses a step key. Returns (steps sent, actions received); runs `steps` steps (0: for
+    ever).
+    """
+    import uuid
+
+    import numpy as np
+
+    t = cfg.topics
+    run = uuid.uuid4().hex[:6]
+    names = [f"{run}-{e}" for e in range(envs)]
+    sent_at: dict[tuple[str, int], float] = {}
+    lat: list[float] = []
+    got = 0
+
+    async def on_action(msg: Msg) -> None:
+        nonlocal got
+        obj = orjson.loads(msg.data)
+        at = sent_at.pop((obj.get("ENV_ID"), obj.get("STEP")), None)
+        if at is not None:
+            got += 1
+            lat.append(time.monotonic() - at)
+
+    rng = np.random.default_rng()
+    nc = await _connect(cfg)
+    try:
+        js = nc.jetstream()
+        await nc.subscribe(f"{t.action}.>", cb=on_action)
+        while True:  # the workers (or `setup`) create the stream
+            try:
+                await js.stream_info(cfg.transport.nats.stream)
+                break
+            except NotFoundError:
+                print("waiting for the logits stream", flush=True)
+                await asyncio.sleep(1.0)
+        step, last = 0, time.monotonic()
+        while not steps or step < steps:
+            tick = time.monotonic()
+            x = rng.normal(0, 2, (envs, models, actions)).astype(np.float32).tolist()
+            futures = []
+            for e, env in enumerate(names):
+                sent_at[(env, step)] = tick
+                for m in range(models):
+                    body = orjson.dumps({"ENV_ID": env, "STEP": step, "COMPONENT_ID": f"m{m}",
+                                         "DETERMINISTIC": False, "LOGITS": x[e][m]})
+                    futures.append(await js.publish_async(f"{t.logits}.{env}", body))
+            await asyncio.gather(*futures)
+            step += 1
+            if time.monotonic() - last >= 1.0:
+                last = time.monotonic()
+                p50 = sorted(lat)[len(lat) // 2] * 1000 if lat else float("nan")
+                print(f"steps {step * envs}  actions {got}  waiting {len(sent_at)}  "
+                      f"latency p50 {p50:.1f} ms", flush=True)
+                lat.clear()
+            await asyncio.sleep(max(0.0, 1 / rate - (time.monotonic() - tick)))
+        end = time.monotonic() + 10
+        while sent_at and time.monotonic() < end:
+            await asyncio.sleep(0.05)
+    finally:
+        await nc.close()
+    return step * envs, got
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
     import json
@@ -798,12 +866,18 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m transports.natsio",
         description="NATS helpers of swarm-aggregator. Config as for `swarm-aggregator run`: "
                     "-c FILE and SWARM_AGG__* variables.")
-    parser.add_argument("command", choices=("setup", "get", "peek", "status"),
+    parser.add_argument("command", choices=("setup", "get", "peek", "status", "drive"),
                         help="setup: create streams and all consumers; get/peek: ask every "
-                        "worker for its share and print the sum; status: backlogs")
+                        "worker for its share and print the sum; status: backlogs; drive: "
+                        "simulated models and environments")
     parser.add_argument("-c", "--config", help="TOML config file")
     parser.add_argument("--servers", help="comma-separated NATS URLs (overrides the config)")
     parser.add_argument("--timeout", type=float, default=5.0, help="get/peek: seconds")
+    parser.add_argument("--models", type=int, default=8, help="drive: models (M)")
+    parser.add_argument("--actions", type=int, default=6, help="drive: actions (A)")
+    parser.add_argument("--envs", type=int, default=16, help="drive: environments")
+    parser.add_argument("--rate", type=float, default=10.0, help="drive: steps/s per env")
+    parser.add_argument("--steps", type=int, default=0, help="drive: steps per env (0: ever)")
     args = parser.parse_args(argv)
     overrides: dict[str, Any] = {}
     if args.servers:
@@ -824,11 +898,18 @@ def main(argv: list[str] | None = None) -> int:
             if missing:
                 print(f"no worker answered for partitions {missing}", file=sys.stderr)
                 return 1
-        else:
+        elif args.command == "status":
             print(json.dumps(asyncio.run(status(cfg)), indent=1))
+        else:
+            sent, got = asyncio.run(drive(cfg, args.models, args.actions, args.envs, args.rate,
+                                          args.steps))
+            print(f"done: {sent} steps, {got} actions")
+            return 0 if got == sent else 1
     except (OSError, TimeoutError, nats.errors.Error) as e:
         print(f"cannot reach NATS: {e!r}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        return 130
     return 0
 
 
