@@ -11,12 +11,12 @@ REASONS: tuple[str, ...] = (
     "not_object",       # JSON, but not an object
     "missing_field",    # LOGITS or COMPONENT_ID absent
     "bad_component_id",  # COMPONENT_ID neither a string nor a number, or empty
-    "bad_logits",       # LOGITS not a non-empty list of numbers (or of equal-length lists)
-    "non_finite",       # NaN or +/-inf among the logits
+    "bad_logits",       # LOGITS not a non-empty list of numbers (or of equal rows); null
+    "non_finite",       # a logit beyond float32 range (JSON itself has no NaN or inf)
     "bad_deterministic",  # DETERMINISTIC present but not a boolean
     "bad_key",          # a step-key field absent or not a string/integer
     "shape",            # batch or action count differs from the window's first message
-    "duplicate",        # the same model twice in one window
+    "duplicate",        # the same model twice in one window (lockstep: the newer replaces)
     "late",             # for a window that is already closed
     "unknown_model",    # not in the configured roster (window.model_ids)
     "bad_command",      # an evolution message that could not be read

@@ -4,7 +4,8 @@ Pure and synchronous: the clock is an argument (`now`, seconds on any monotonic 
 the tests need neither an event loop nor sleeps.
 
 - Lockstep (`window.key = []`): one window at a time, as the seed does; it closes when every
-  expected model has sent once.
+  expected model has sent once. A model that sends twice replaces its earlier logits (the
+  seed's rule; counted as `duplicate`); with a step key the repeat is refused instead.
 - Keyed: the step-key fields of a message name its window; many may be open at once.
 - Expected models: a count (`window.models`), a roster (`window.model_ids`), or, with
   `models = 0`, the models seen within `window.recent_s` (after a warm-up of that length,
@@ -69,6 +70,7 @@ class Windows:
         self.open: OrderedDict[tuple[Any, ...], Window] = OrderedDict()
         self.closed_keys: OrderedDict[tuple[Any, ...], None] = OrderedDict()
         self.keyed = bool(cfg.key)
+        self.replaced = 0  # lockstep repeats that replaced a model's earlier logits
         # models = 0: recent membership
         self.start = start
         self.last_seen: dict[str, float] = {}
@@ -104,7 +106,16 @@ class Windows:
             win = Window(key, now, deadline, msg.logits.shape)
             self.open[key] = win
         elif msg.model in win.models:
-            raise RejectedError("duplicate", f"second message for window {key!r}", msg.model)
+            if self.keyed:
+                raise RejectedError("duplicate", f"second message for window {key!r}",
+                                    msg.model)
+            # Lockstep has no step key: a model that sends again has moved on to the next
+            # step (after a lost action, or a reconnect), so its newer logits replace the
+            # older ones, as the seed's memory[id] = logits does, and the repeat is counted.
+            if msg.logits.shape != win.shape:
+                raise RejectedError("shape", f"shape {msg.logits.shape} in a window of "
+                                    f"{win.shape}", msg.model)
+            self.replaced += 1
         elif msg.logits.shape != win.shape:
             raise RejectedError("shape", f"shape {msg.logits.shape} in a window of {win.shape}",
                                 msg.model)
@@ -115,8 +126,7 @@ class Windows:
             win.tokens.append(msg.token)
         win.deterministic = msg.deterministic
         win.last_at = now
-        if msg.extra is not None:
-            win.extra = msg.extra
+        win.extra = msg.extra  # the last message's ROOT_ID / MODEL_STATUS, as the seed
         if self.expected:
             done = len(win.models) >= self.expected
         else:

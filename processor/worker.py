@@ -88,6 +88,7 @@ class Worker:
         settled: list[Any] = []  # tokens of rejected messages (acknowledging transports)
         lim = self.limits
         n_logits = n_evolution = 0
+        replaced = self.windows.replaced
         for topic, payload, at, token in batch:
             obj: dict[str, Any] | None = None
             if topic is None:
@@ -100,6 +101,8 @@ class Worker:
                 except RejectedError as e:
                     self.reject(e.reason, e.detail)
                     continue
+                if obj.get("TYPE") != "DATA/CUSTOM":
+                    continue  # swergio commands and logs: the seed reacts to DATA/CUSTOM only
                 room = obj.get("TO_ROOM")
                 if room == self.t_logits:
                     topic = room
@@ -135,6 +138,11 @@ class Worker:
                     await self._flush(pending)
                     pending = []
                     await self._command(cmd, obj)
+        if self.windows.replaced != replaced:
+            for _ in range(self.windows.replaced - replaced):
+                self.metrics.reject("duplicate")
+            self.rejects.reject("duplicate", "lockstep: a model sent again; its newer logits "
+                                "replace the older", None)
         if n_logits:
             self.metrics.receive(self.t_logits, n_logits)
         if n_evolution:
@@ -260,7 +268,7 @@ class Worker:
     async def run(self, stop: asyncio.Event, started: asyncio.Event | None = None) -> None:
         """Serve until `stop` is set; then publish what has its quorum and close."""
         async with self.transport:
-            self.metrics.ready.set(1)
+            self.metrics.ready.set(1 if self.transport.ready else 0)
             if started is not None:
                 started.set()
             try:

@@ -366,9 +366,10 @@ def test_bad_logits_over_swergio_are_counted_and_valid_steps_still_answered():
                     bad.wait_seen(lambda m, i=i, root=root: m.get("ROOT_ID") == root
                                   and m.get("COMPONENT_ID") == f"model-{i}", f"model-{i}")
                 batch = junk(step)
-                # Valid logits, wrong for this window: a second message of model-0, and a
-                # message of another shape.
-                batch.append(("duplicate", {"LOGITS": [9.0] * ACTIONS, "COMPONENT_ID": "model-0",
+                # Valid logits, wrong for this window: a second message of model-0 (in
+                # lockstep the newer replaces the older, as the seed; counted; here with the
+                # same values so the action stays the reference's), and another shape.
+                batch.append(("duplicate", {"LOGITS": table[step][0], "COMPONENT_ID": "model-0",
                                             "DETERMINISTIC": True, "SEQ": f"{step}-dup"}))
                 batch.append(("shape", {"LOGITS": [9.0] * (ACTIONS + 1), "COMPONENT_ID": "odd",
                                         "DETERMINISTIC": True, "SEQ": f"{step}-shape"}))

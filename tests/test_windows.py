@@ -42,14 +42,28 @@ def test_keyed_windows_interleave_across_environments():
     assert len(w) == 0
 
 
-def test_duplicate_is_rejected_and_the_window_goes_on():
-    w = Windows(WindowConfig(models=2, timeout_ms=0))
-    w.add(msg("a"), 0.0)
+def test_keyed_duplicate_is_rejected_and_the_window_goes_on():
+    w = Windows(WindowConfig(models=2, key=["STEP"], timeout_ms=0))
+    first = msg("a", (1,))
+    w.add(first, 0.0)
     with pytest.raises(RejectedError) as e:
-        w.add(msg("a"), 0.1)
+        w.add(msg("a", (1,)), 0.1)
     assert e.value.reason == "duplicate"
+    (c,) = w.add(msg("b", (1,)), 0.2)
+    assert c.outcome == COMPLETE and c.window.models["a"] is first.logits
+
+
+def test_lockstep_repeat_replaces_the_older_logits_as_the_seed():
+    w = Windows(WindowConfig(models=2, timeout_ms=0))
+    w.add(msg("a", extra={"ROOT_ID": "old"}), 0.0)
+    newer = msg("a", extra={"ROOT_ID": "new"})
+    assert w.add(newer, 0.1) == []
+    assert w.replaced == 1
+    with pytest.raises(RejectedError):
+        w.add(msg("a", a=4), 0.15)       # a repeat of another shape is still refused
     (c,) = w.add(msg("b"), 0.2)
-    assert c.outcome == COMPLETE
+    assert c.window.models["a"] is newer.logits
+    assert c.window.extra is None        # the completing message's fields, as the seed
 
 
 def test_late_message_for_a_closed_window():

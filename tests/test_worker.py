@@ -165,7 +165,7 @@ async def test_bad_input_is_counted_and_valid_steps_keep_flowing():
             assert out["ACTION"] == sum_probs(x[:, None, :])[1].tolist()
         for r in reasons:
             assert rig.rejected(r) == 1, r
-        assert rig.rejected("duplicate") == len(bad)
+        assert rig.rejected("duplicate") == len(bad)  # lockstep: counted, newer one kept
 
 
 async def test_evolution_traffic_that_is_not_get_is_ignored():
