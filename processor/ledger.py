@@ -55,10 +55,11 @@ class Ledger:
         return np.array(out, dtype=np.intp)
 
     def add_many(self, windows: Sequence[Sequence[str]], credit: np.ndarray,
-                 agree: np.ndarray | None = None) -> list[tuple[str, float]]:
+                 agree: np.ndarray | None = None) -> list[tuple[str, float, int, int]]:
         """Windows of one shape: their models, credit (W, M, B), agree (W, M, B).
 
-        Returns each model's credit from these windows, for the metrics.
+        Returns, for the metrics, each model's credit, steps taken part in and agreements
+        from these windows.
         """
         w, _, b = credit.shape
         ids = self._ids(windows)
@@ -66,13 +67,17 @@ class Ledger:
         per = np.bincount(ids, weights=credit.sum(axis=-1, dtype=np.float64).ravel(),
                           minlength=n)
         self._credit[:n] += per
-        self._taken[:n] += np.bincount(ids, minlength=n) * b
+        taken = np.bincount(ids, minlength=n) * b
+        self._taken[:n] += taken
+        agreed = np.zeros(n, dtype=np.int64)
         if agree is not None:
-            self._agreed[:n] += np.bincount(ids, weights=agree.sum(axis=-1).ravel(),
-                                            minlength=n).astype(np.int64)
+            agreed = np.bincount(ids, weights=agree.sum(axis=-1).ravel(),
+                                 minlength=n).astype(np.int64)
+            self._agreed[:n] += agreed
         self.steps += w * b
         names = self.names
-        return [(names[i], float(per[i])) for i in np.flatnonzero(per).tolist()]
+        return [(names[i], float(per[i]), int(taken[i]), int(agreed[i]))
+                for i in np.flatnonzero(taken).tolist()]
 
     def add(self, models: Sequence[str], credit: np.ndarray,
             agree: np.ndarray | None = None) -> None:

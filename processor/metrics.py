@@ -90,6 +90,17 @@ class Metrics:
             "step sum to 1): its rate over the rate of environment steps is the model's "
             "share.", "model")
         r.register(self.contribution)
+        self.model_steps = SumsByLabel(
+            f"{PREFIX}_model_steps", "Environment steps decided with each model taking part.",
+            "model")
+        self.agreement = SumsByLabel(
+            f"{PREFIX}_agreement",
+            "Environment steps in which the model's own argmax was the action taken; over "
+            "model_steps, the model's agreement.", "model")
+        self.missed_windows = SumsByLabel(
+            f"{PREFIX}_missed_windows", "Windows that closed without the model.", "model")
+        for family in (self.model_steps, self.agreement, self.missed_windows):
+            r.register(family)
         self.model_overflow = Counter(f"{PREFIX}_model_label_overflow",
                                       "Models beyond metrics.max_models, counted under "
                                       "model=\"other\".", registry=r)
@@ -149,14 +160,33 @@ class Metrics:
         self._observe_first(first_s)
         self._observe_last(last_s)
 
-    def credit(self, models: Iterable[str], credits: Iterable[float]) -> None:
+    def credit(self, models: Iterable[str], credits: Iterable[float],
+               steps: Iterable[int] | None = None, agreed: Iterable[int] | None = None
+               ) -> None:
+        """Book models' credit (and, when given, steps taken part in and agreements)."""
         labels = self._labels
         values = self.contribution.values
+        models = list(models)
         for m, c in zip(models, credits):
             label = labels.get(m)
             if label is None:
                 label = self._label_for(m)
             values[label] += c
+        for family, counts in ((self.model_steps, steps), (self.agreement, agreed)):
+            if counts is not None:
+                v = family.values
+                for m, n in zip(models, counts):
+                    label = labels[m]
+                    v[label] = v.get(label, 0.0) + n
+
+    def missed(self, models: Iterable[str]) -> None:
+        labels = self._labels
+        v = self.missed_windows.values
+        for m in models:
+            label = labels.get(m)
+            if label is None:
+                label = self._label_for(m)
+            v[label] = v.get(label, 0.0) + 1
 
     def _label_for(self, model: str) -> str:
         values = self.contribution.values

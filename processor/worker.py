@@ -169,7 +169,9 @@ class Worker:
             if not roster:
                 known.update(models)
             if len(models) < len(known):
-                self.ledger.miss(m for m in known if m not in models)
+                missing = [m for m in known if m not in models]
+                self.ledger.miss(missing)
+                self.metrics.missed(missing)
             if c.publish:
                 todo.append(c)
         if todo:
@@ -223,8 +225,8 @@ class Worker:
             self.metrics.published(now - win.first_at, now - win.last_at, b)
         self.published += len(group)
         if per_model:
-            names, credits = zip(*per_model)
-            self.metrics.credit(names, credits)
+            names, credits, steps, agreed = zip(*per_model)
+            self.metrics.credit(names, credits, steps, agreed)
 
     async def _command(self, cmd: str, request: dict[str, Any]) -> None:
         """Answer one evolution command (see COMMANDS)."""

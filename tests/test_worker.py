@@ -264,6 +264,11 @@ async def test_agreement_and_missed_windows_are_reported():
         r = await rig.next("evolution")
         assert r["AGREEMENT"] == {"m0": 1.0, "m1": 1.0, "m2": 0.0}
         assert r["MISSED"] == {"m2": 1}
+        get = rig.metrics.registry.get_sample_value
+        assert get("swarm_aggregator_agreement_total", {"model": "m0"}) == 4
+        assert get("swarm_aggregator_agreement_total", {"model": "m2"}) == 0
+        assert get("swarm_aggregator_model_steps_total", {"model": "m2"}) == 3
+        assert get("swarm_aggregator_missed_windows_total", {"model": "m2"}) == 1
 
 
 async def test_model_weights_at_run_time_change_the_action():
