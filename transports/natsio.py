@@ -427,8 +427,8 @@ class NatsTransport:
         left = headers.get("Nats-Pending-Messages")
         pull.outstanding = max(0, pull.outstanding - int(left)) if left else 0
         if status not in ("404", "408"):
-            desc = headers.get(api.Header.DESCRIPTION, "")
-            if status == "503" or "deleted" in str(desc).lower():
+            desc = str(headers.get(api.Header.DESCRIPTION, "")).split("\n", 1)[0]
+            if status == "503" or "deleted" in desc.lower():
                 self._need_setup = True  # the consumer (or JetStream) is gone: make it again
             self._trouble(f"status{status}", "pull on partition %d: %s %s", pull.partition,
                           status, desc)
