@@ -1,0 +1,166 @@
+"""`python -m bench`: the benchmark suite; prints a table, writes bench/results/latest.json.
+
+Sections (all by default, in this order; `--only a,b` picks some):
+
+- zmq_lockstep      the worker on ZeroMQ, lockstep, M = 20, A = 2, 18, 1000: steps/s and
+                    latency (last publish -> action), next to a ZeroMQ ping-pong.
+- zmq_pipelined     keyed windows, K windows in flight: sustained logits messages/s,
+                    steps/s, losses, next to a bare receiver (recv + orjson.loads).
+- swergio_lockstep  the worker on the swergio 0.0.2 server, next to the swergio example's
+                    aggregator and a no-math echo component on the same server.
+- metrics           zmq_lockstep and zmq_pipelined (A = 18) with the metrics server on
+                    (and scraped) against SWARM_AGG__METRICS__PORT=0.
+- kernel            SumProbs per window (1 vs 64, 256 windows per call) and the decoding
+                    cost per message, in this process.
+
+Every figure is the median of `--repeats` runs with its min-max. Everything runs on
+127.0.0.1 with ports chosen at run time; every process started is stopped at the end.
+`--quick` is a tiny configuration (one repeat, few steps) for a smoke test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from . import report
+from .common import ROOT, Plan
+
+SECTIONS = ("zmq_lockstep", "zmq_pipelined", "swergio_lockstep", "metrics", "kernel")
+DEFAULT_OUT = ROOT / "bench" / "results" / "latest.json"
+
+
+def _runner(name: str) -> Callable[[Plan], dict[str, Any]]:
+    if name == "zmq_lockstep":
+        from .zmq_bench import lockstep_section
+        return lockstep_section
+    if name == "zmq_pipelined":
+        from .zmq_bench import pipelined_section
+        return pipelined_section
+    if name == "metrics":
+        from .zmq_bench import metrics_section
+        return metrics_section
+    if name == "swergio_lockstep":
+        from .swergio_bench import lockstep_section as swergio_section
+        return swergio_section
+    from .kernel_bench import kernel_section
+    return kernel_section
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for mod in ("zmq", "orjson", "numpy", "torch", "prometheus_client"):
+        try:
+            m = __import__(mod)
+            out[mod] = str(getattr(m, "__version__", "?"))
+        except ImportError:
+            out[mod] = "missing"
+    try:
+        import zmq
+
+        out["libzmq"] = zmq.zmq_version()
+    except ImportError:
+        pass
+    try:
+        from importlib.metadata import version
+
+        out["swergio"] = version("swergio")
+    except Exception:  # noqa: BLE001 - a missing package is reported, not fatal
+        out["swergio"] = "missing"
+    return out
+
+
+def _git() -> dict[str, Any]:
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True,
+                              timeout=10, check=False).stdout.strip()
+    try:
+        return {"commit": git("rev-parse", "HEAD"),
+                "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    except (OSError, subprocess.SubprocessError):
+        return {}
+
+
+def _meta(plan: Plan, quick: bool) -> dict[str, Any]:
+    return {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "quick": quick,
+            "plan": {k: list(v) if isinstance(v, tuple) else v
+                     for k, v in plan.__dict__.items()},
+            "host": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                     "loadavg_start": list(os.getloadavg())},
+            "versions": _versions(), "git": _git()}
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help="tiny configuration: one repeat, few steps, small sizes")
+    p.add_argument("--only", default="",
+                   help=f"comma-separated sections to run (of: {', '.join(SECTIONS)})")
+    p.add_argument("--repeats", type=int,
+                   help="repeats of every figure (default 3, kernel and metrics 5; --quick 1)")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                   help="JSON output file (default %(default)s)")
+    args = p.parse_args(argv)
+    only = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = [s for s in only if s not in SECTIONS]
+    if unknown:
+        p.error(f"unknown section(s) {', '.join(unknown)}; valid: {', '.join(SECTIONS)}")
+    if args.repeats is not None and args.repeats < 1:
+        p.error("--repeats must be at least 1")
+    args.sections = [s for s in SECTIONS if s in only] if only else list(SECTIONS)
+    return args
+
+
+def _stop_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)  # unwinds the sections: their processes are stopped
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    plan = (Plan.quick() if args.quick else Plan()).with_repeats(args.repeats)
+    result: dict[str, Any] = {"meta": _meta(plan, args.quick), "sections": {}}
+    t0 = time.monotonic()
+    failed = False
+    for name in args.sections:
+        print(f"[bench] {name} ...", file=sys.stderr, flush=True)
+        t = time.monotonic()
+        try:
+            section = _runner(name)(plan)
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:  # noqa: BLE001 - one failed section must not hide the others
+            traceback.print_exc()
+            section = {"error": f"{type(e).__name__}: {e}"}
+            failed = True
+        section["seconds"] = round(time.monotonic() - t, 2)
+        result["sections"][name] = section
+        print(f"[bench] {name} done in {section['seconds']:.1f} s", file=sys.stderr,
+              flush=True)
+    result["meta"]["seconds"] = round(time.monotonic() - t0, 2)
+    result["meta"]["host"]["loadavg_end"] = list(os.getloadavg())
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    load = result["meta"]["host"]
+    print(f"\nswarm-aggregator bench ({'quick' if args.quick else 'full'}, "
+          f"{plan.repeats} repeat(s); median [min-max]; {load['cpus']} CPUs, load "
+          f"{load['loadavg_start'][0]:.1f} -> {load['loadavg_end'][0]:.1f}; "
+          f"{result['meta']['seconds']:.0f} s)\n")
+    print(report.render(result["sections"]))
+    print(f"JSON: {args.out}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

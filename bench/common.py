@@ -1,0 +1,288 @@
+"""Shared parts of the benchmarks: the plan, child processes, runs and their statistics."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import IO, Any
+
+ROOT = Path(__file__).resolve().parents[1]
+HOST = "127.0.0.1"
+STOP_TIMEOUT_S = 5.0
+
+
+class BenchError(RuntimeError):
+    """A measurement could not be made (a peer died, an answer never came)."""
+
+
+# -- the plan ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Sizes and durations of one suite run. `Plan.quick()` is the tiny one."""
+
+    repeats: int = 3
+    models: int = 20                                 # M
+    # zmq_lockstep
+    lockstep_actions: tuple[int, ...] = (2, 18, 1000)
+    lockstep_steps: int = 3000                       # per repeat, at most ...
+    lockstep_max_s: float = 3.0                      # ... or this long
+    warmup_steps: int = 200
+    # zmq_pipelined
+    pipelined_actions: tuple[int, ...] = (18,)
+    inflight: int = 128                              # K windows outstanding
+    pipelined_windows: int = 30000
+    pipelined_max_s: float = 4.0
+    # swergio_lockstep
+    swergio_actions: int = 18
+    swergio_steps: int = 2000
+    swergio_max_s: float = 4.0
+    swergio_warmup: int = 50
+    # kernel
+    kernel_actions: tuple[int, ...] = (2, 18, 1000)
+    kernel_batches: tuple[int, ...] = (64, 256)
+    decode_actions: tuple[int, ...] = (18, 1000)
+    timing_s: float = 0.25                           # each in-process timing lasts about this
+    kernel_repeats: int = 5
+    metrics_repeats: int = 5                         # on/off differ little: more repeats
+    # metrics
+    metrics_actions: int = 18
+    scrape_interval_s: float = 1.0
+    action_timeout_s: float = 10.0                   # an action later than this is lost
+
+    @classmethod
+    def quick(cls) -> Plan:
+        return cls(repeats=1, lockstep_actions=(18,), lockstep_steps=300, lockstep_max_s=1.0,
+                   warmup_steps=30, inflight=32, pipelined_windows=1500, pipelined_max_s=1.0,
+                   swergio_steps=100, swergio_max_s=1.5, swergio_warmup=10,
+                   kernel_actions=(2, 18), kernel_batches=(64,), decode_actions=(18, 1000),
+                   timing_s=0.02, kernel_repeats=1, metrics_repeats=1,
+                   scrape_interval_s=0.2)
+
+    def with_repeats(self, repeats: int | None) -> Plan:
+        """Every section repeated `repeats` times (None: the plan's own counts)."""
+        if repeats is None:
+            return self
+        return replace(self, repeats=repeats, kernel_repeats=repeats, metrics_repeats=repeats)
+
+
+# -- statistics ----------------------------------------------------------------------------
+
+
+def stat(values: Sequence[float]) -> dict[str, Any]:
+    """Median and spread (min, max) of one figure over its repeats."""
+    if not values:
+        raise BenchError("no values to summarise")
+    xs = sorted(float(v) for v in values)
+    n = len(xs)
+    median = xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
+    return {"median": median, "min": xs[0], "max": xs[-1], "runs": [float(v) for v in values]}
+
+
+def percentile(sorted_values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0..100) of sorted values, interpolated linearly."""
+    n = len(sorted_values)
+    if n == 0:
+        raise BenchError("no samples")
+    pos = (n - 1) * q / 100.0
+    lo = math.floor(pos)
+    hi = min(lo + 1, n - 1)
+    return float(sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo))
+
+
+@dataclass
+class Run:
+    """One timed run of a driver against one peer."""
+
+    steps: int                      # windows decided (environment steps, B = 1)
+    seconds: float                  # wall time of the timed part
+    messages: int = 0               # logits messages sent in the timed part
+    latencies_ns: list[int] = field(default_factory=list)
+    lost: int = 0                   # windows whose action never came
+    duplicates: int = 0             # actions for no outstanding window (none expected)
+    # CPU seconds over `seconds` (1.0 = one core busy) of the processes measured: "peer",
+    # "driver" (this process), "server" (swergio), where known.
+    cpu: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def steps_per_s(self) -> float:
+        return self.steps / self.seconds
+
+    @property
+    def messages_per_s(self) -> float:
+        return self.messages / self.seconds
+
+
+def summarize(runs: Sequence[Run], messages: bool = False) -> dict[str, Any]:
+    """A peer's figures over repeats: rates, latency percentiles (µs), losses, CPU."""
+    out: dict[str, Any] = {"steps_per_s": stat([r.steps_per_s for r in runs])}
+    if messages:
+        out["messages_per_s"] = stat([r.messages_per_s for r in runs])
+    if all(r.latencies_ns for r in runs):
+        ordered = [sorted(r.latencies_ns) for r in runs]
+        for q in (50, 90, 99):
+            out[f"p{q}_us"] = stat([percentile(xs, q) / 1e3 for xs in ordered])
+        out["max_us"] = stat([xs[-1] / 1e3 for xs in ordered])
+    out["steps"] = sum(r.steps for r in runs)
+    out["lost"] = sum(r.lost for r in runs)
+    out["duplicates"] = sum(r.duplicates for r in runs)
+    names = set.intersection(*(set(r.cpu) for r in runs)) if runs else set()
+    out["cpu"] = {k: stat([r.cpu[k] for r in runs])["median"] for k in sorted(names)}
+    return out
+
+
+def ratio(a: dict[str, Any], b: dict[str, Any], key: str) -> float:
+    """median(a[key]) / median(b[key])."""
+    return float(a[key]["median"]) / float(b[key]["median"])
+
+
+# -- processes -----------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A TCP port free on loopback right now (the peer binds it a moment later)."""
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of a process so far (Linux /proc), or None."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / ticks
+
+
+@dataclass
+class Child:
+    """A process this suite started; `stop()` ends it (SIGTERM, then SIGKILL)."""
+
+    name: str
+    proc: subprocess.Popen[bytes]
+    log: IO[bytes]
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def check(self) -> None:
+        """BenchError with the tail of its output if it has exited."""
+        if not self.alive():
+            raise BenchError(f"{self.name} exited with code {self.proc.returncode}:\n"
+                             f"{self.tail()}")
+
+    def tail(self, limit: int = 2000) -> str:
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")[-limit:]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM it when the bench process dies (Linux), so
+    that not even a SIGKILL of the suite leaves peers behind."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+@contextmanager
+def spawn(name: str, argv: Sequence[str], env: Mapping[str, str] | None = None,
+          stdout_devnull: bool = False) -> Iterator[Child]:
+    """Start `argv` in the repository root; it is stopped when the block ends, come what may.
+
+    stderr (and stdout, unless `stdout_devnull`) goes to a temporary file, shown when the
+    child fails; a pipe that nobody reads could fill up and stall it.
+    """
+    full_env = {**os.environ, **(env or {})}
+    full_env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(ROOT), full_env.get("PYTHONPATH", "")) if p)
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(list(argv), cwd=ROOT, env=full_env, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL if stdout_devnull else log,
+                                stderr=log,
+                                preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+        child = Child(name, proc, log)
+        try:
+            yield child
+        finally:
+            child.stop()
+
+
+def python(*args: str) -> list[str]:
+    return [sys.executable, *args]
+
+
+def worker_env(**keys: object) -> dict[str, str]:
+    """SWARM_AGG__* variables from names like window__models=20 (values as TOML/JSON)."""
+    out: dict[str, str] = {"SWARM_AGG__LOG__LEVEL": "WARNING"}
+    for k, v in keys.items():
+        if isinstance(v, bool):
+            text = "true" if v else "false"
+        elif isinstance(v, (list, tuple)):
+            text = "[" + ",".join(f'"{x}"' for x in v) + "]"
+        else:
+            text = str(v)
+        out["SWARM_AGG__" + k.upper()] = text
+    return out
+
+
+def wait_until(predicate: Any, timeout: float, what: str, children: Sequence[Child] = (),
+               interval: float = 0.02) -> None:
+    """Poll until `predicate()` is truthy; BenchError after `timeout` or if a child dies."""
+    end = time.monotonic() + timeout
+    while not predicate():
+        for c in children:
+            c.check()
+        if time.monotonic() > end:
+            raise BenchError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
+
+
+class CpuMeter:
+    """CPU seconds used by this process ("driver") and by named children between `start()`
+    and `stop()`, as a fraction of the timed wall time."""
+
+    def __init__(self, **pids: int) -> None:
+        self.pids = pids
+        self._t0: dict[str, float | None] = {}
+
+    def start(self) -> None:
+        self._t0 = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        self._t0["driver"] = time.process_time()
+
+    def stop(self, run: Run) -> Run:
+        for name, t0 in self._t0.items():
+            t1 = time.process_time() if name == "driver" else cpu_seconds(self.pids[name])
+            if t0 is not None and t1 is not None and run.seconds > 0:
+                run.cpu[name] = (t1 - t0) / run.seconds
+        return run

@@ -1,0 +1,142 @@
+"""The printed table: one block per section, figures as `median [min-max]` over repeats."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+
+def num(x: float) -> str:
+    """Three significant figures, thousands separated."""
+    if x >= 100:
+        return f"{x:,.0f}"
+    if x >= 10:
+        return f"{x:.1f}"
+    return f"{x:.2f}"
+
+
+def fig(s: dict[str, Any] | None) -> str:
+    if s is None:
+        return "-"
+    if len(s["runs"]) == 1:
+        return num(s["median"])
+    return f"{num(s['median'])} [{num(s['min'])}-{num(s['max'])}]"
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[str]], indent: str = "  ") -> list[str]:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    line = indent + "  ".join(h.ljust(w) for h, w in zip(header, widths))
+    out = [line, indent + "  ".join("-" * w for w in widths)]
+    out += [indent + "  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    return out
+
+
+def cpu(s: dict[str, Any], name: str = "peer") -> str:
+    x = s.get("cpu", {}).get(name)
+    return "-" if x is None else f"{x:.2f}"
+
+
+LATENCY_HEADER = ["p50 µs", "p90 µs", "p99 µs", "max µs"]
+
+
+def latency(s: dict[str, Any]) -> list[str]:
+    return [fig(s.get("p50_us")), fig(s.get("p90_us")), fig(s.get("p99_us")),
+            fig(s.get("max_us"))]
+
+
+def zmq_lockstep(r: dict[str, Any]) -> list[str]:
+    c = r["config"]
+    rows = []
+    for row in r["rows"]:
+        for name in ("worker", "pingpong"):
+            s = row[name]
+            rows.append([str(row["actions"]), name, fig(s["steps_per_s"]), *latency(s),
+                         cpu(s)])
+        rows.append(["", "ratio", f"{row['ratio_steps_per_s']:.2f}x steps/s",
+                     f"{row['ratio_p50']:.2f}x p50", "", "", "", ""])
+    return [(f"zmq_lockstep: M={c['models']}, lockstep, metrics {c['metrics']}; "
+             f"latency: {c['latency']}"),
+            *table(["A", "peer", "steps/s", *LATENCY_HEADER, "peer CPU"], rows)]
+
+
+def zmq_pipelined(r: dict[str, Any]) -> list[str]:
+    c = r["config"]
+    rows = []
+    for row in r["rows"]:
+        for name in ("worker", "raw"):
+            s = row[name]
+            rows.append([str(row["actions"]), name, fig(s["messages_per_s"]),
+                         fig(s["steps_per_s"]), fig(s.get("p50_us")), str(s["lost"]),
+                         cpu(s), cpu(s, "driver")])
+        rows.append(["", "ratio", f"{row['ratio_messages_per_s']:.2f}x msgs/s", "", "", "",
+                     "", ""])
+    return [(f"zmq_pipelined: M={c['models']}, key {c['key']}, K={c['inflight_windows']} "
+             f"windows in flight, metrics {c['metrics']}"),
+            *table(["A", "peer", "logits msgs/s", "steps/s", "p50 µs (queued)", "lost",
+                    "peer CPU", "driver CPU"], rows)]
+
+
+def swergio_lockstep(r: dict[str, Any]) -> list[str]:
+    c = r["config"]
+    rows = []
+    row = r["rows"][0]
+    for name in ("worker", "seed", "echo", "echo_plain"):
+        s = row[name]
+        rows.append([str(row["actions"]), name, fig(s["steps_per_s"]), *latency(s),
+                     cpu(s), cpu(s, "server")])
+    return [(f"swergio_lockstep: M={c['models']}, A={c['actions']}, {c['server']}; driver: "
+             f"{c['driver']}"),
+            *table(["A", "aggregator", "steps/s", *LATENCY_HEADER, "agg CPU", "server CPU"],
+                   rows),
+            (f"  worker/seed {row['ratio_worker_seed_steps_per_s']:.1f}x steps/s, "
+             f"worker/echo {row['ratio_worker_echo_steps_per_s']:.2f}x steps/s "
+             "(echo: no math, TCP_QUICKACK: the server's ceiling; echo_plain: without "
+             "QUICKACK, the delayed-ACK stall)")]
+
+
+def kernel(r: dict[str, Any]) -> list[str]:
+    c = r["config"]
+    batches = [k for k in r["aggregate"][0] if k.startswith("batch_")] if r["aggregate"] else []
+    rows = [[str(row["actions"]), str(row["models"]), fig(row["single_us_per_window"]),
+             *(fig(row[k]) for k in batches)] for row in r["aggregate"]]
+    heads = [f"W={k.split('_')[1]} µs/window" for k in batches]
+    out = [(f"kernel: {c['strategy']}, sampling, B={c['batch_B']}, torch threads "
+            f"{c['torch_threads']}"),
+           *table(["A", "M", "1 window/call µs", *heads], rows)]
+    drows = [[str(d["actions"]), f"{d['message_bytes']:,}", fig(d["decode_us"]),
+              fig(d["orjson_loads_us"])] for d in r["decode"]]
+    out += ["", *table(["A", "bytes", "decode+parse µs/msg", "orjson.loads µs/msg"], drows)]
+    return out
+
+
+def metrics(r: dict[str, Any]) -> list[str]:
+    c = r["config"]
+    rows = []
+    for row in r["rows"]:
+        for state in ("on", "off"):
+            s = row[state]
+            rows.append([row["mode"], str(row["actions"]), state, fig(s["steps_per_s"]),
+                         fig(s.get("p50_us")), fig(s.get("p99_us")), cpu(s)])
+        rows.append(["", "", "on/off", f"{row['ratio_steps_per_s']:.3f}x",
+                     f"{row['ratio_p50']:.3f}x", "", ""])
+    return [f"metrics: on = {c['on']}", f"  off = {c['off']}",
+            *table(["mode", "A", "metrics", "steps/s", "p50 µs", "p99 µs", "peer CPU"],
+                   rows),
+            (f"  instrumentation (the Metrics calls of one lockstep window, in process): "
+             f"{fig(r['instrumentation_us_per_window'])} µs/window")]
+
+
+RENDER: dict[str, Callable[[dict[str, Any]], list[str]]] = {
+    "zmq_lockstep": zmq_lockstep, "zmq_pipelined": zmq_pipelined,
+    "swergio_lockstep": swergio_lockstep, "kernel": kernel, "metrics": metrics,
+}
+
+
+def render(sections: dict[str, Any]) -> str:
+    out: list[str] = []
+    for name, result in sections.items():
+        if "error" in result:
+            out += [f"{name}: FAILED: {result['error']}", ""]
+            continue
+        out += [*RENDER[name](result), ""]
+    return "\n".join(out)

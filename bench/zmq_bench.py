@@ -1,0 +1,383 @@
+"""ZeroMQ sections: `zmq_lockstep`, `zmq_pipelined` and `metrics`.
+
+The driver (this process) plays the environment and the M models: a PUB socket connected
+to the peer's SUB, a SUB socket connected to the peer's PUB, every message encoded before
+the clock starts. The peer is the worker (`python -m processor.cli run`, configured by
+SWARM_AGG__* variables) or a baseline from `bench.peers` with the same sockets, driven by
+the same code:
+
+- lockstep: send a window's M messages, wait for its action, repeat. Latency is from the
+  publish of the window's last message to the action's arrival. Baseline: the ZeroMQ
+  ping-pong (`zmq-echo` without parsing), the floor of that latency.
+- pipelined: keyed windows (ENV_ID, STEP), credit-based: K windows are kept outstanding,
+  a new window's M messages go out when an action comes back, so the worker runs as fast
+  as it can without any queue growing past K windows (nothing can be dropped by a
+  high-water mark). Baseline: `zmq-echo --parse`, a bare receiver that only does
+  recv_multipart + orjson.loads (the raw ceiling). Latency here includes the queueing
+  behind the other K - 1 windows.
+"""
+
+from __future__ import annotations
+
+import gc
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from typing import Any, Self
+
+import orjson
+import zmq
+
+from . import payloads
+from .common import (
+    HOST,
+    BenchError,
+    Child,
+    CpuMeter,
+    Plan,
+    Run,
+    free_port,
+    python,
+    ratio,
+    spawn,
+    summarize,
+    worker_env,
+)
+
+GET = b'{"CMD":"GET"}'
+HANDSHAKE_TIMEOUT_S = 60.0
+
+
+class ZmqLink:
+    """The driver's two sockets towards one peer."""
+
+    def __init__(self, peer_sub: str, peer_pub: str, timeout_s: float) -> None:
+        self.ctx = zmq.Context()
+        self.pub = self.ctx.socket(zmq.PUB)
+        self.sub = self.ctx.socket(zmq.SUB)
+        for s in (self.pub, self.sub):
+            s.setsockopt(zmq.LINGER, 0)
+            s.setsockopt(zmq.SNDHWM, 0)  # unbounded: the drivers bound what is in flight
+            s.setsockopt(zmq.RCVHWM, 0)
+        self.sub.setsockopt(zmq.RCVTIMEO, int(timeout_s * 1000))
+        self.sub.setsockopt(zmq.SUBSCRIBE, b"action")
+        self.sub.setsockopt(zmq.SUBSCRIBE, b"evolution")
+        self.pub.connect(peer_sub)
+        self.sub.connect(peer_pub)
+
+    def handshake(self, children: Sequence[Child], timeout: float = HANDSHAKE_TIMEOUT_S
+                  ) -> None:
+        """GET until a CONTRIBUTION comes back (the slow joiner), then drain the extras."""
+        end = time.monotonic() + timeout
+        while True:
+            for c in children:
+                c.check()
+            self.pub.send_multipart((b"evolution", GET))
+            if self.sub.poll(100):
+                topic, body = self.sub.recv_multipart()
+                if topic == b"evolution" and b'"CONTRIBUTION"' in body:
+                    break
+            if time.monotonic() > end:
+                raise BenchError(f"no answer to GET within {timeout:.0f} s")
+        self.drain()
+
+    def drain(self, quiet_s: float = 0.2) -> None:
+        while self.sub.poll(int(quiet_s * 1000)):
+            self.sub.recv_multipart()
+
+    def close(self) -> None:
+        self.pub.close(0)
+        self.sub.close(0)
+        self.ctx.term()
+
+
+@dataclass
+class Peer:
+    child: Child
+    link: ZmqLink
+
+
+@contextmanager
+def peer(kind: str, plan: Plan, keyed: bool = False, metrics_port: int = 0) -> Iterator[Peer]:
+    """`worker`, `pingpong` (zmq-echo) or `raw` (zmq-echo --parse), connected and answering."""
+    sub_ep = f"tcp://{HOST}:{free_port()}"
+    pub_ep = f"tcp://{HOST}:{free_port()}"
+    if kind == "worker":
+        keys: dict[str, Any] = {"transport__zmq__sub": sub_ep,
+                                "transport__zmq__pub": pub_ep,
+                                "window__models": plan.models, "window__timeout_ms": 0,
+                                "metrics__port": metrics_port}
+        if keyed:
+            keys["window__key"] = ["ENV_ID", "STEP"]
+        argv = python("-m", "processor.cli", "run")
+        env = worker_env(**keys)
+    else:
+        argv = python("-m", "bench.peers", "zmq-echo", "--sub", sub_ep, "--pub", pub_ep,
+                      "--models", str(plan.models))
+        if kind == "raw":
+            argv.append("--parse")
+        env = {}
+    with spawn(kind, argv, env) as child:
+        link = ZmqLink(sub_ep, pub_ep, plan.action_timeout_s)
+        try:
+            link.handshake([child])
+            yield Peer(child, link)
+        finally:
+            link.close()
+
+
+# -- drivers -------------------------------------------------------------------------------
+
+
+def run_lockstep(p: Peer, bodies: list[list[bytes]], steps: int, warmup: int,
+                 max_s: float) -> Run:
+    """Lockstep windows; steps/s and the latency from the last publish to the action."""
+    send, recv = p.link.pub.send_multipart, p.link.sub.recv_multipart
+    pool = len(bodies)
+    clock = time.perf_counter_ns
+    latencies: list[int] = []
+    meter = CpuMeter(peer=p.child.pid)
+    max_ns = int(max_s * 1e9)
+    done = 0
+    gc.disable()
+    try:
+        for i in range(-warmup, steps):
+            if i == 0:
+                meter.start()
+                start = clock()
+            row = bodies[i % pool]
+            for body in row[:-1]:
+                send((b"logits", body))
+            t0 = clock()
+            send((b"logits", row[-1]))
+            while True:
+                try:
+                    topic, _ = recv()
+                except zmq.Again:
+                    p.child.check()
+                    raise BenchError(f"{p.child.name}: no action for step {i}") from None
+                if topic == b"action":
+                    break
+            t1 = clock()
+            if i >= 0:
+                latencies.append(t1 - t0)
+                done += 1
+                if t1 - start > max_ns:
+                    break
+        end = clock()
+    finally:
+        gc.enable()
+    run = Run(done, (end - start) / 1e9, done * len(bodies[0]), latencies)
+    return meter.stop(run)
+
+
+def run_pipelined(p: Peer, prefixes: list[list[bytes]], inflight: int, windows: int,
+                  warmup: int, max_s: float) -> Run:
+    """K keyed windows outstanding; the rate while the pipe is full, and any loss."""
+    send, sub = p.link.pub.send_multipart, p.link.sub
+    recv = sub.recv_multipart
+    loads = orjson.loads
+    pool = len(prefixes)
+    models = len(prefixes[0])
+    clock = time.perf_counter_ns
+    sent_at: dict[int, int] = {}
+    latencies: list[int] = []
+    meter = CpuMeter(peer=p.child.pid)
+    max_ns = int(max_s * 1e9)
+    warmup = max(warmup, 1)  # the clock starts at an action's arrival
+    total = warmup + windows
+    nxt = received = duplicates = done = 0
+    start = end = 0
+    sending = True
+    gc.disable()
+    try:
+        while nxt < inflight:
+            for prefix in prefixes[nxt % pool]:
+                send((b"logits", prefix + b"%d}" % nxt))
+            sent_at[nxt] = clock()
+            nxt += 1
+        while sent_at:
+            try:
+                topic, body = recv()
+            except zmq.Again:
+                p.child.check()
+                break  # nothing for action_timeout_s: what is outstanding is lost
+            if topic != b"action":
+                continue
+            now = clock()
+            t = sent_at.pop(loads(body)["STEP"], None)
+            if t is None:
+                duplicates += 1
+                continue
+            received += 1
+            if received == warmup:
+                meter.start()
+                start = now
+            elif received > warmup and sending:
+                latencies.append(now - t)
+            if sending:
+                if received >= total or (start and now - start > max_ns):
+                    sending = False
+                    end = now
+                    done = received - warmup
+                    continue
+                for prefix in prefixes[nxt % pool]:
+                    send((b"logits", prefix + b"%d}" % nxt))
+                sent_at[nxt] = clock()
+                nxt += 1
+    finally:
+        gc.enable()
+    if sending:
+        raise BenchError(f"{p.child.name}: the pipeline stalled after {received} windows "
+                         f"({len(sent_at)} outstanding lost)")
+    run = Run(done, (end - start) / 1e9, done * models, latencies, lost=len(sent_at),
+              duplicates=duplicates)
+    return meter.stop(run)
+
+
+# -- metrics scraping ----------------------------------------------------------------------
+
+
+class Scraper:
+    """Reads /metrics every `interval` seconds from a thread, as Prometheus would."""
+
+    def __init__(self, port: int, interval: float) -> None:
+        self.url = f"http://{HOST}:{port}/metrics"
+        self.interval = interval
+        self.scrapes = 0
+        self.failures = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="scraper", daemon=True)
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _loop(self) -> None:
+        while True:  # the first scrape at once: even a short run is scraped
+            try:
+                with urllib.request.urlopen(self.url, timeout=5) as r:
+                    r.read()
+                self.scrapes += 1
+            except OSError:
+                self.failures += 1
+            if self._stop.wait(self.interval):
+                return
+
+
+# -- sections ------------------------------------------------------------------------------
+
+
+def lockstep_section(plan: Plan) -> dict[str, Any]:
+    bodies = {a: payloads.lockstep_bodies(plan.models, a) for a in plan.lockstep_actions}
+    worker_runs: dict[int, list[Run]] = {a: [] for a in plan.lockstep_actions}
+    pong_runs: dict[int, list[Run]] = {a: [] for a in plan.lockstep_actions}
+    with ExitStack() as stack:
+        worker = stack.enter_context(peer("worker", plan))
+        pong = stack.enter_context(peer("pingpong", plan))
+        for _ in range(plan.repeats):
+            for a in plan.lockstep_actions:
+                for target, runs in ((worker, worker_runs), (pong, pong_runs)):
+                    runs[a].append(run_lockstep(target, bodies[a], plan.lockstep_steps,
+                                                plan.warmup_steps, plan.lockstep_max_s))
+    rows = []
+    for a in plan.lockstep_actions:
+        w, p = summarize(worker_runs[a]), summarize(pong_runs[a])
+        rows.append({"actions": a, "message_bytes": len(bodies[a][0][0]), "worker": w,
+                     "pingpong": p, "ratio_p50": ratio(w, p, "p50_us"),
+                     "ratio_steps_per_s": ratio(w, p, "steps_per_s")})
+    return {"config": {"models": plan.models, "mode": "lockstep", "repeats": plan.repeats,
+                       "steps_per_repeat": plan.lockstep_steps,
+                       "max_s_per_repeat": plan.lockstep_max_s,
+                       "warmup_steps": plan.warmup_steps, "metrics": "off (port 0)",
+                       "deterministic": False,
+                       "latency": "publish of the window's last message -> action received"},
+            "rows": rows}
+
+
+def pipelined_section(plan: Plan) -> dict[str, Any]:
+    rows = []
+    for a in plan.pipelined_actions:
+        worker_runs: list[Run] = []
+        raw_runs: list[Run] = []
+        with ExitStack() as stack:
+            worker = stack.enter_context(peer("worker", plan, keyed=True))
+            raw = stack.enter_context(peer("raw", plan))
+            for rep in range(plan.repeats):
+                for target, runs in ((worker, worker_runs), (raw, raw_runs)):
+                    # A fresh ENV_ID per run: the worker remembers closed keys (late).
+                    prefixes = payloads.keyed_prefixes(plan.models, a, f"{target.child.name}"
+                                                       f"-{a}-{rep}")
+                    runs.append(run_pipelined(target, prefixes, plan.inflight,
+                                              plan.pipelined_windows, plan.warmup_steps,
+                                              plan.pipelined_max_s))
+        w = summarize(worker_runs, messages=True)
+        r = summarize(raw_runs, messages=True)
+        rows.append({"actions": a, "worker": w, "raw": r,
+                     "ratio_messages_per_s": ratio(w, r, "messages_per_s")})
+    return {"config": {"models": plan.models, "key": ["ENV_ID", "STEP"],
+                       "inflight_windows": plan.inflight, "repeats": plan.repeats,
+                       "windows_per_repeat": plan.pipelined_windows,
+                       "max_s_per_repeat": plan.pipelined_max_s, "metrics": "off (port 0)",
+                       "latency": "last message of a window -> its action, queueing behind "
+                                  "the other windows in flight included"},
+            "rows": rows}
+
+
+def metrics_section(plan: Plan) -> dict[str, Any]:
+    a = plan.metrics_actions
+    rows = []
+    for mode in ("lockstep", "pipelined"):
+        runs: dict[str, list[Run]] = {"on": [], "off": []}
+        scrapes = failures = 0
+        mport = free_port()
+        with ExitStack() as stack:
+            peers = {
+                "on": stack.enter_context(peer("worker", plan, keyed=mode == "pipelined",
+                                               metrics_port=mport)),
+                "off": stack.enter_context(peer("worker", plan, keyed=mode == "pipelined")),
+            }
+            for rep in range(plan.metrics_repeats):
+                for state in ("on", "off"):
+                    target = peers[state]
+                    with ExitStack() as scraping:
+                        if state == "on":
+                            scraper = scraping.enter_context(
+                                Scraper(mport, plan.scrape_interval_s))
+                        if mode == "lockstep":
+                            run = run_lockstep(target, payloads.lockstep_bodies(plan.models, a),
+                                               plan.lockstep_steps, plan.warmup_steps,
+                                               plan.lockstep_max_s)
+                        else:
+                            prefixes = payloads.keyed_prefixes(plan.models, a,
+                                                               f"metrics-{state}-{rep}")
+                            run = run_pipelined(target, prefixes, plan.inflight,
+                                                plan.pipelined_windows, plan.warmup_steps,
+                                                plan.pipelined_max_s)
+                    if state == "on":
+                        scrapes += scraper.scrapes
+                        failures += scraper.failures
+                    runs[state].append(run)
+        on = summarize(runs["on"], messages=mode == "pipelined")
+        off = summarize(runs["off"], messages=mode == "pipelined")
+        on["scrapes"], on["scrape_failures"] = scrapes, failures
+        rows.append({"mode": mode, "actions": a, "on": on, "off": off,
+                     "ratio_steps_per_s": ratio(on, off, "steps_per_s"),
+                     "ratio_p50": ratio(on, off, "p50_us")})
+    from .kernel_bench import instrumentation_us_per_window
+
+    return {"config": {
+        "models": plan.models, "actions": a, "repeats": plan.metrics_repeats,
+        "on": f"SWARM_AGG__METRICS__PORT=<free port>: the HTTP server thread runs and the "
+              f"driver scrapes /metrics every {plan.scrape_interval_s:g} s from a thread",
+        "off": "SWARM_AGG__METRICS__PORT=0: no HTTP server and no scrapes; the Metrics "
+               "object still exists and the worker still updates every counter and "
+               "histogram (see instrumentation_us_per_window for that cost)"},
+        "rows": rows, "instrumentation_us_per_window": instrumentation_us_per_window(plan)}
