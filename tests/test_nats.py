@@ -149,6 +149,39 @@ async def test_sigkill_a_worker_mid_stream_loses_nothing_and_duplicates_nothing(
                 check_actions(await swarm.stored_actions(), xs)
 
 
+async def test_a_standby_with_the_same_index_takes_the_partitions_over(server):
+    """Two workers with one index: one pulls each partition (pinned), the other waits; when
+    the puller is SIGKILLed, the standby takes over, and its open windows come back to it."""
+    await natsio.setup(config(server.url, partitions=4))
+    envs = [f"env{i}" for i in range(16)]
+    xs = logits(np.random.default_rng(4), envs, 8)   # 128 steps
+    keys = {"window__models": MODELS, "window__timeout_ms": 8000,
+            "transport__nats__partitions": 4}
+    async with Swarm(server.url) as swarm:
+        with nats_worker(server.url, 0, 1, **keys) as standby:
+            with nats_worker(server.url, 0, 1, **{**keys,
+                                                  "transport__nats__worker_id": "w0b"}) as w:
+                for s in range(4):
+                    for e in envs:
+                        await swarm.step(e, s, xs[(e, s)])
+                assert await swarm.wait(lambda: len(swarm.live) >= 4 * len(envs), 30)
+                for e in envs:
+                    await swarm.step(e, 4, xs[(e, 4)], models=[0, 1])
+                assert await swarm.wait(lambda: held(swarm, set(range(4)), 2 * len(envs)), 30)
+                w.send_signal(signal.SIGKILL)
+                w.wait(10)
+            for e in envs:
+                await swarm.step(e, 4, xs[(e, 4)], models=[2])
+            for s in range(5, 8):
+                for e in envs:
+                    await swarm.step(e, s, xs[(e, s)])
+            assert await swarm.wait(lambda: len(swarm.live) >= len(xs), 60), \
+                (len(swarm.live), output(standby)[-2000:])
+            assert await swarm.wait(swarm.drained, 15)
+            assert all(len(v) == 1 for v in swarm.live.values())
+            check_actions(await swarm.stored_actions(), xs)   # never split, never partial
+
+
 async def test_nats_server_restart_mid_run_workers_reconnect(server):
     await natsio.setup(config(server.url))
     envs = [f"env{i}" for i in range(20)]

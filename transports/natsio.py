@@ -58,7 +58,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext, api
-from nats.js.errors import BadRequestError, NoStreamResponseError, NotFoundError
+from nats.js.errors import APIError, BadRequestError, NoStreamResponseError, NotFoundError
 
 from processor.config import Config, NatsConfig
 from processor.errors import ConfigError
@@ -71,6 +71,7 @@ PULL_EXPIRES_S = 5.0     # a pull request lives this long on the server ...
 PULL_HEARTBEAT_S = 1.0   # ... and says it is alive this often while idle
 LOG_EVERY_S = 5.0        # at most one line per kind of trouble in this interval
 INTERNAL = "_swarm"      # actions go in as _swarm.<action>.<token>, come out as <action>.<token>
+PRIORITY_GROUP = "swarm"  # the pinned-client group of every partition consumer
 
 
 def consumer_name(partition: int) -> str:
@@ -124,15 +125,20 @@ def stream_configs(cfg: Config) -> list[api.StreamConfig]:
     return out
 
 
-def consumer_config(cfg: Config, partition: int) -> api.ConsumerConfig:
+def consumer_config(cfg: Config, partition: int) -> dict[str, Any]:
+    """The durable pull consumer of one partition, as the JetStream API takes it."""
     n = cfg.transport.nats
     name = consumer_name(partition)
-    return api.ConsumerConfig(
-        name=name, durable_name=name, filter_subject=f"{cfg.topics.logits}.{partition}.*",
-        description=f"swarm-aggregator partition {partition} of {n.partitions}",
-        deliver_policy=api.DeliverPolicy.ALL, ack_policy=api.AckPolicy.EXPLICIT,
-        ack_wait=n.ack_wait_s, max_ack_pending=n.max_ack_pending,
-        max_deliver=-1)  # enforced by the transport: see the module's docstring
+    return {
+        "name": name, "durable_name": name, "filter_subject": f"{cfg.topics.logits}.{partition}.*",
+        "description": f"swarm-aggregator partition {partition} of {n.partitions}",
+        "deliver_policy": "all", "ack_policy": "explicit", "replay_policy": "instant",
+        "ack_wait": int(n.ack_wait_s * 1e9), "max_ack_pending": n.max_ack_pending,
+        "max_deliver": -1,  # enforced by the transport: see the module's docstring
+        # One puller at a time (server 2.11+): a second worker with the same index waits,
+        # and takes the partition over once the first stops pulling for ack_wait_s.
+        "priority_groups": [PRIORITY_GROUP], "priority_policy": "pinned_client",
+        "priority_timeout": int(n.ack_wait_s * 1e9)}
 
 
 async def ensure_streams(js: JetStreamContext, cfg: Config) -> None:
@@ -164,16 +170,21 @@ async def ensure_streams(js: JetStreamContext, cfg: Config) -> None:
 async def ensure_consumers(js: JetStreamContext, cfg: Config, partitions: list[int]) -> None:
     """Create (or update to this config) the durable consumers of these partitions."""
     n = cfg.transport.nats
+    nc: Client = js._nc  # the consumer's priority fields are not in nats-py's ConsumerConfig
     for p in partitions:
-        cc = consumer_config(cfg, p)
+        name = consumer_name(p)
         if not n.create:
             try:
-                await js.consumer_info(n.stream, consumer_name(p))
+                await js.consumer_info(n.stream, name)
             except NotFoundError:
-                raise ConfigError("transport.nats.create", f"consumer {consumer_name(p)} of "
+                raise ConfigError("transport.nats.create", f"consumer {name} of "
                                   f"stream {n.stream} does not exist") from None
             continue
-        await js.add_consumer(n.stream, cc)
+        body = orjson.dumps({"stream_name": n.stream, "config": consumer_config(cfg, p)})
+        msg = await nc.request(f"$JS.API.CONSUMER.CREATE.{n.stream}.{name}", body, timeout=5)
+        resp = orjson.loads(msg.data)
+        if "error" in resp:
+            raise APIError.from_error(resp["error"])
 
 
 def merge_replies(replies: list[dict[str, Any]]) -> dict[str, Any]:
@@ -208,18 +219,20 @@ def merge_replies(replies: list[dict[str, Any]]) -> dict[str, Any]:
 class _Held:
     """A delivery token: the latest delivery of one stream message, until it is settled."""
 
-    __slots__ = ("at", "msg", "seq")
+    __slots__ = ("at", "msg", "partition", "released", "seq")
 
-    def __init__(self, msg: Msg, seq: int, at: float) -> None:
+    def __init__(self, msg: Msg, seq: int, at: float, partition: int) -> None:
         self.msg = msg
         self.seq = seq
         self.at = at  # when the server last heard that it is being worked on
+        self.partition = partition
+        self.released = False  # handed back (NAK): another worker serves its partition now
 
 
 class _Pull:
     """The pull requests of one partition: how many messages are asked for and not come."""
 
-    __slots__ = ("inbox", "next_subject", "outstanding", "partition", "seen")
+    __slots__ = ("inbox", "next_subject", "outstanding", "partition", "pin", "seen")
 
     def __init__(self, partition: int, next_subject: str, inbox: str) -> None:
         self.partition = partition
@@ -227,6 +240,7 @@ class _Pull:
         self.inbox = inbox
         self.outstanding = 0
         self.seen = 0.0
+        self.pin = ""  # the server's Nats-Pin-Id while this worker is the partition's puller
 
 
 class _Pub:
@@ -262,6 +276,7 @@ class NatsTransport:
         self._inbox: collections.deque[Envelope] = collections.deque()
         self._wake = asyncio.Event()
         self._held: dict[int, _Held] = {}
+        self._released: dict[int, _Held] = {}  # handed back, still in a window here
         self._pulls: dict[int, _Pull] = {}
         self._by_consumer: dict[str, _Pull] = {}
         self._unconfirmed: list[_Pub] = []
@@ -317,6 +332,9 @@ class NatsTransport:
         self._subs.append(await nc.subscribe(f"{prefix}.*", cb=self._on_delivery,
                                              pending_msgs_limit=pending))
         self._subs.append(await nc.subscribe(self.t_evolution, cb=self._on_evolution))
+        # The newest worker of an index takes its partitions at once (a restart after a crash
+        # need not wait for the old pin to time out); one still running becomes the standby.
+        await self._unpin()
         for pull in self._pulls.values():
             await self._pull(pull)
         self._keeper = asyncio.create_task(self._keep())
@@ -363,6 +381,7 @@ class NatsTransport:
             except Exception as e:  # it comes back after ack_wait then
                 log.debug("nats: nak not sent (%r)", e)
         self._held.clear()
+        await self._unpin()  # the next worker (or the standby) takes over at once
         with contextlib.suppress(Exception):
             await nc.flush(timeout=2)
         await nc.close()
@@ -398,17 +417,23 @@ class NatsTransport:
         if pull is not None:
             pull.outstanding = max(0, pull.outstanding - 1)
             pull.seen = now
+            if msg.headers and not pull.pin:
+                pull.pin = msg.headers.get("Nats-Pin-Id", "")
+                if pull.pin:
+                    log.info("nats: serving partition %d", pull.partition)
         if delivered > 1:
             self.redelivered += 1
-        held = self._held.get(seq)
+        held = self._held.get(seq) or self._released.pop(seq, None)
         if held is not None:
             # Redelivered while this worker still holds it (an ack or a progress note was
-            # lost): the window has it already; settle the newest delivery later.
-            held.msg, held.at = msg, now
+            # lost, or it was handed back and came back here): the window has it already;
+            # settle the newest delivery later.
+            held.msg, held.at, held.released = msg, now, False
+            self._held[seq] = held
         elif delivered > self.cfg.max_deliver:
             self._spawn(self._dead_letter(msg, seq, delivered))
         else:
-            held = _Held(msg, seq, now)
+            held = _Held(msg, seq, now, pull.partition if pull is not None else -1)
             self._held[seq] = held
             self._inbox.append((self.t_logits, msg.data, now, held))
             self._wake.set()
@@ -426,7 +451,11 @@ class NatsTransport:
             return  # idle heartbeat: the request is alive
         left = headers.get("Nats-Pending-Messages")
         pull.outstanding = max(0, pull.outstanding - int(left)) if left else 0
-        if status not in ("404", "408"):
+        if status == "423":
+            # Pinned to another worker now (this one was away longer than ack_wait_s): hand
+            # back what it holds of that partition, and wait as a standby.
+            await self._release(pull)
+        elif status not in ("404", "408"):
             desc = str(headers.get(api.Header.DESCRIPTION, "")).split("\n", 1)[0]
             if status == "503" or "deleted" in desc.lower():
                 self._need_setup = True  # the consumer (or JetStream) is gone: make it again
@@ -447,8 +476,12 @@ class NatsTransport:
         want = self.cfg.pull_batch - pull.outstanding
         if want <= self.cfg.pull_batch // 2:
             return
-        body = orjson.dumps({"batch": want, "expires": int(PULL_EXPIRES_S * 1e9),
-                             "idle_heartbeat": int(PULL_HEARTBEAT_S * 1e9)})
+        request: dict[str, Any] = {"batch": want, "expires": int(PULL_EXPIRES_S * 1e9),
+                                   "idle_heartbeat": int(PULL_HEARTBEAT_S * 1e9),
+                                   "group": PRIORITY_GROUP}
+        if pull.pin:
+            request["id"] = pull.pin
+        body = orjson.dumps(request)
         pull.outstanding += want
         pull.seen = time.monotonic()
         try:
@@ -456,6 +489,31 @@ class NatsTransport:
         except Exception as e:  # disconnected: the keeper asks again
             pull.outstanding -= want
             self._trouble("pull", "cannot pull: %r", e)
+
+    async def _unpin(self) -> None:
+        nc, stream = self._nc, self.cfg.stream
+        assert nc is not None
+        body = orjson.dumps({"group": PRIORITY_GROUP})
+        for p in self.partitions:
+            with contextlib.suppress(Exception):  # nobody pinned, or no server: nothing to do
+                await nc.request(f"$JS.API.CONSUMER.UNPIN.{stream}.{consumer_name(p)}", body,
+                                 timeout=2)
+
+    async def _release(self, pull: _Pull) -> None:
+        """Hand back (NAK) what this worker holds of a partition another worker now serves."""
+        had = pull.pin
+        pull.pin = ""
+        mine = [h for h in self._held.values() if h.partition == pull.partition]
+        for h in mine:
+            del self._held[h.seq]
+            h.released = True
+            self._released[h.seq] = h
+            with contextlib.suppress(Exception):
+                await h.msg.nak()
+        if had or mine:
+            log.warning("nats: partition %d is served by another worker now (this one was "
+                        "away over ack_wait_s, or two run with index %d); %d messages handed "
+                        "back, waiting as a standby", pull.partition, self.cfg.index, len(mine))
 
     async def _keep(self) -> None:
         """Progress notes for held messages, lost pull requests, re-creation after a loss."""
@@ -571,6 +629,9 @@ class NatsTransport:
         held = self._held
         for t in tokens:
             seq = t.seq
+            if t.released:
+                self._released.pop(seq, None)  # another worker has it now
+                continue
             if held.get(seq) is t:
                 del held[seq]
             try:
