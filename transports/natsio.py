@@ -10,8 +10,12 @@ Guarantees
   values joined by "|"), so the action stream stores a rebuilt window's action only once
   within `duplicate_window_s`. A step key must therefore not repeat within that window
   (put an episode or run id in the key when environments restart their step counts).
-- Per partition, one worker at a time (p % workers == index). Windows never span
-  partitions: every message of one window is published on the same subject token.
+- Per partition, one worker at a time: worker `index` of `workers` serves the partitions
+  p with p % workers == index, and the server enforces it (each partition's consumer has a
+  pinned-client priority group, NATS 2.11+). A second worker started with the same index
+  takes those partitions at once and the first becomes its hot standby, taking them back
+  `ack_wait_s` after the second stops pulling (a crash) or at once (a clean stop). Windows
+  never span partitions: every message of one window is published on the same token.
 - Evolution: core NATS, at-most-once. Every worker receives every command; each answers
   with its own share, tagged `WORKER`, `WORKERS` and `PARTITIONS`; `merge_replies` (and
   `python -m transports.natsio get`) sums the shares.
@@ -22,6 +26,7 @@ Guarantees
 - While a worker holds a message (its window is open), it tells the server every
   `ack_wait_s / 2` that the message is in progress, so a slow window is not redelivered
   to a live worker; `ack_wait_s` only bounds how soon a dead worker's messages come back.
+  A clean stop (SIGTERM) hands what it holds back at once (NAK) and unpins its partitions.
 
 Subjects and streams (P = partitions; subject names follow `[topics]`)
 - `logits.<token>`: what models publish (JSON body as on every transport, with the
