@@ -35,7 +35,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager, suppress
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,7 @@ import orjson
 
 ROOT = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.1"
+PIDS: dict[str, list[int]] = {}  # the processes of the case being measured, by kind
 
 
 @dataclass
@@ -56,6 +57,18 @@ class Result:
     latency_p90_ms: float
     latency_p99_ms: float
     latency_mean_ms: float
+    # CPU seconds per 1000 steps during the throughput phase (Linux /proc), by process kind
+    cpu_ms_per_step: dict[str, float] = field(default_factory=dict)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (0 where /proc is missing)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
 
 
 def free_port() -> int:
@@ -95,6 +108,7 @@ def nats_server(folder: Path) -> Iterator[str]:
     argv = [exe, "-js", "-sd", str(folder / "js"), "-p", str(port), "-a", HOST,
             "-m", str(mport)]
     with child(argv, log=folder / "nats-server.log") as proc:
+        PIDS["server"] = [proc.pid]
         end = time.monotonic() + 15
         while True:
             try:
@@ -276,7 +290,9 @@ async def bench_zmq(args: argparse.Namespace, bodies: Bodies, folder: Path) -> R
     sub, pub = f"tcp://{HOST}:{free_port()}", f"tcp://{HOST}:{free_port()}"
     env = worker_env(args.models, transport__kind="zmq", transport__zmq__sub=sub,
                      transport__zmq__pub=pub)
-    with child(worker_argv(), env, folder / "zmq-worker.log"):
+    with child(worker_argv(), env, folder / "zmq-worker.log") as proc:
+        PIDS.clear()
+        PIDS["worker"] = [proc.pid]
         driver = ZmqDriver(sub, pub)
         try:
             await driver.start()
@@ -287,6 +303,7 @@ async def bench_zmq(args: argparse.Namespace, bodies: Bodies, folder: Path) -> R
 
 async def bench_nats(args: argparse.Namespace, bodies: Bodies, folder: Path,
                      workers: int) -> Result:
+    PIDS.clear()
     with nats_server(folder / f"nats-{workers}") as url, ExitStack() as stack:
         for k in range(workers):
             env = worker_env(args.models, transport__kind="nats",
@@ -294,8 +311,9 @@ async def bench_nats(args: argparse.Namespace, bodies: Bodies, folder: Path,
                              transport__nats__partitions=args.partitions,
                              transport__nats__workers=workers, transport__nats__index=k,
                              transport__nats__worker_id=f"w{k}")
-            stack.enter_context(child(worker_argv(), env,
-                                      folder / f"nats-{workers}-worker{k}.log"))
+            proc = stack.enter_context(child(worker_argv(), env,
+                                             folder / f"nats-{workers}-worker{k}.log"))
+            PIDS.setdefault("worker", []).append(proc.pid)
         driver = NatsDriver(url)
         try:
             await driver.start(workers, args.partitions)
@@ -307,13 +325,19 @@ async def bench_nats(args: argparse.Namespace, bodies: Bodies, folder: Path,
 async def measure(driver: Driver, case: str, workers: int, args: argparse.Namespace,
                   bodies: Bodies) -> Result:
     await driver.throughput(bodies, args.inflight, 1.0)            # warm-up
+    pids = {**PIDS, "driver": [os.getpid()]}
+    before = {k: sum(map(cpu_seconds, v)) for k, v in pids.items()}
     done, elapsed = await driver.throughput(bodies, args.inflight, args.seconds)
+    cpu = {k: round(1e3 * (sum(map(cpu_seconds, v)) - before[k]) / max(done, 1), 3)
+           for k, v in pids.items()}
     await driver.latency(bodies, 20, env="warm")
     lat = await driver.latency(bodies, args.latency_steps)
     r = summary(case, workers, args.models, done, elapsed, lat)
-    print(f"  {case:5s} workers={workers}: {r.steps_per_s:8.0f} steps/s "
-          f"({r.msgs_per_s:6.0f} msgs/s in)  latency p50 {r.latency_p50_ms:6.2f} ms  "
-          f"p90 {r.latency_p90_ms:6.2f} ms  p99 {r.latency_p99_ms:6.2f} ms", flush=True)
+    r.cpu_ms_per_step = cpu
+    print(f"  {case:5s} workers={workers}: {r.steps_per_s:6.0f} steps/s "
+          f"({r.msgs_per_s:6.0f} msgs/s in)  latency p50 {r.latency_p50_ms:5.2f} ms  "
+          f"p90 {r.latency_p90_ms:5.2f} ms  p99 {r.latency_p99_ms:6.2f} ms  CPU ms/step "
+          + " ".join(f"{k}={v:.3f}" for k, v in cpu.items()), flush=True)
     return r
 
 
