@@ -55,7 +55,7 @@ class Strategy:
     name = ""
 
     def __init__(self, seed: int = 0, temperature: float = 1.0) -> None:
-        self.generator = torch.Generator().manual_seed(seed)
+        self.rng = np.random.default_rng(seed)
         self.temperature = temperature
 
     def __call__(self, stacks: Sequence[np.ndarray], deterministic: Sequence[bool],
@@ -90,57 +90,67 @@ class Strategy:
         """Windows of one shape: x (W, M, B, A) float32, det (W,) bool, w (W, M) or None.
 
         Returns actions (W, B) int64, credit (W, M, B) float32, agree (W, M, B) bool.
-        """
-        return self._run(torch.from_numpy(x), torch.from_numpy(det),
-                         None if w is None else torch.from_numpy(w))
 
-    def _run(self, x: torch.Tensor, det: torch.Tensor, w: torch.Tensor | None
-             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        probs = torch.softmax(x, dim=-1)                                 # (W, M, B, A)
-        support, score = self.support(x, probs, w)
-        actions = torch.argmax(score, dim=-1)                            # (W, B)
-        if not bool(det.all()):
-            if not bool(det.any()):   # all sampled: no masking
+        torch computes what the seed computes in torch (softmax, and the sums of the rule),
+        so the floats are the seed's to the bit; what follows (argmax, draws, gathers,
+        divisions) is exact or elementwise and runs in numpy, where a small array costs a
+        microsecond per operation instead of several.
+        """
+        xt = torch.from_numpy(x)
+        probs_t = torch.softmax(xt, dim=-1)                              # (W, M, B, A)
+        support_t, score_t = self.support(xt, probs_t, None if w is None
+                                          else torch.from_numpy(w))
+        probs, support, score = probs_t.numpy(), support_t.numpy(), score_t.numpy()
+        actions = score.argmax(axis=-1)                                  # (W, B)
+        if not det.all():
+            if not det.any():
                 actions = self.sample(score, support)
             else:
                 rows = ~det
                 actions[rows] = self.sample(score[rows], support[rows])
-        w_, m, b, _ = probs.shape
-        idx = actions.reshape(w_, 1, b, 1).expand(w_, m, b, 1)
-        chosen = support.gather(-1, idx).squeeze(-1)                     # (W, M, B)
-        total = chosen.sum(dim=1, keepdim=True)
-        if bool((total <= 0).any()):
+        n_w, _, n_b, _ = x.shape
+        wi, bi = np.arange(n_w)[:, None], np.arange(n_b)[None, :]
+        chosen = support[wi, :, bi, actions].transpose(0, 2, 1)          # (W, M, B)
+        if self.score_sums_support:
+            total = score[wi, bi, actions][:, None, :]                   # (W, 1, B)
+        else:
+            total = chosen.sum(axis=1, keepdims=True)
+        if self.support_may_vanish and (total <= 0).any():
             # Nobody supported the action taken (a sampled action no model voted for):
-            # fall back to each model's probability of it.
+            # each model's probability of it stands in.
             weighted = probs if w is None else probs * w[:, :, None, None]
-            fallback = weighted.gather(-1, idx).squeeze(-1)
-            chosen = torch.where(total > 0, chosen, fallback)
-            total = chosen.sum(dim=1, keepdim=True)
+            fallback = weighted[wi, :, bi, actions].transpose(0, 2, 1)
+            chosen = np.where(total > 0, chosen, fallback)
+            total = chosen.sum(axis=1, keepdims=True)
         credit = chosen / total
-        agree = x.argmax(dim=-1) == actions.unsqueeze(1)                 # (W, M, B)
-        return actions.numpy(), credit.numpy(), agree.numpy()
+        agree = x.argmax(axis=-1) == actions[:, None, :]                 # (W, M, B)
+        return actions, credit, agree
+
+    # score is the sum of support over the models (the credit's denominator is score[a])
+    score_sums_support = True
+    # the action taken may have no support (votes), or support that underflows to 0
+    support_may_vanish = False
 
     def support(self, x: torch.Tensor, probs: torch.Tensor, w: torch.Tensor | None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """(support (W, M, B, A), score (W, B, A)) of this rule."""
         raise NotImplementedError
 
-    def sample(self, score: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
+    def sample(self, score: np.ndarray, support: np.ndarray) -> np.ndarray:
         """Draw one action per environment from score (w, B, A): softmax(score / T)."""
-        policy = torch.softmax(score / self.temperature, dim=-1)
-        return self._draw(policy)
+        z = score / self.temperature
+        return self._draw(np.exp(z - z.max(axis=-1, keepdims=True)))
 
-    def _draw(self, policy: torch.Tensor) -> torch.Tensor:
+    def _draw(self, weights: np.ndarray) -> np.ndarray:
         """One draw per row of unnormalised weights (w, B, A), by the inverse of the CDF.
 
         A uniform u in [0, total) picks the first action whose cumulative weight exceeds
-        it, so an action of weight 0 is never drawn. (torch.multinomial does the same job
-        at several times the cost for one row.)
+        it, so an action of weight 0 is never drawn.
         """
-        cdf = policy.cumsum(dim=-1)
-        u = torch.rand(cdf.shape[:-1], generator=self.generator) * cdf[..., -1]
-        drawn = torch.searchsorted(cdf, u.unsqueeze(-1), right=True).squeeze(-1)
-        return drawn.clamp_(max=cdf.shape[-1] - 1)
+        cdf = weights.cumsum(axis=-1, dtype=np.float64)
+        u = self.rng.random(cdf.shape[:-1]) * cdf[..., -1]
+        drawn = (cdf <= u[..., None]).sum(axis=-1)
+        return np.minimum(drawn, cdf.shape[-1] - 1)
 
 
 def _weighted(probs: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
@@ -155,22 +165,25 @@ class SumProbs(Strategy):
         s = _weighted(probs, w)
         return s, s.sum(dim=1)
 
-    def sample(self, score: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
-        # Categorical(P / sum P), as the seed.
-        return self._draw(score)
+    def sample(self, score: np.ndarray, support: np.ndarray) -> np.ndarray:
+        return self._draw(score)  # Categorical(P / sum P), as the seed
 
 
 class BoltzmannAddition(SumProbs):
     name = "boltzmann_addition"
 
-    def sample(self, score: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
+    def sample(self, score: np.ndarray, support: np.ndarray) -> np.ndarray:
         if self.temperature == 1.0:
             return self._draw(score)
-        return self._draw(torch.softmax(torch.log(score) / self.temperature, dim=-1))
+        with np.errstate(divide="ignore"):  # log 0 = -inf: weight 0, as it should
+            z = np.log(score) / self.temperature
+        return self._draw(np.exp(z - z.max(axis=-1, keepdims=True)))
 
 
 class BoltzmannMultiplication(Strategy):
     name = "boltzmann_multiplication"
+    score_sums_support = False
+    support_may_vanish = True
 
     def support(self, x: torch.Tensor, probs: torch.Tensor, w: torch.Tensor | None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -180,6 +193,7 @@ class BoltzmannMultiplication(Strategy):
 
 class MajorityVote(Strategy):
     name = "majority_vote"
+    support_may_vanish = True
 
     def support(self, x: torch.Tensor, probs: torch.Tensor, w: torch.Tensor | None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
