@@ -74,6 +74,39 @@ def decode_object(payload: bytes, max_bytes: int) -> dict[str, Any]:
     return obj
 
 
+def decode_binary(meta: bytes, values: bytes, max_bytes: int) -> dict[str, Any]:
+    """A logits message in two parts: JSON without LOGITS, and float32 little-endian values.
+
+    `SHAPE` ([B, A]) in the JSON makes it a batch; without it the values are one row.
+    """
+    obj = decode_object(meta, max_bytes)
+    if len(values) % 4 or not values:
+        raise DecodeError("bad_logits", f"{len(values)} bytes of values: not float32s",
+                          component_id(obj))
+    arr = np.frombuffer(values, dtype="<f4")
+    shape = obj.pop("SHAPE", None)
+    if shape is None:
+        arr = arr.reshape(1, -1)
+    elif (isinstance(shape, list) and len(shape) == 2
+          and all(v.__class__ is int and v > 0 for v in shape)
+          and shape[0] * shape[1] == arr.size):
+        arr = arr.reshape(shape[0], shape[1])
+    else:
+        raise DecodeError("bad_logits", f"SHAPE {shape!r} does not fit {arr.size} values",
+                          component_id(obj))
+    obj["LOGITS"] = arr
+    return obj
+
+
+def encode_binary(obj: dict[str, Any], logits: Any) -> list[bytes]:
+    """The two frames after the topic of a binary logits message (for models in Python)."""
+    arr = np.asarray(logits, dtype="<f4")
+    meta = {k: v for k, v in obj.items() if k != "LOGITS"}
+    if arr.ndim == 2:
+        meta["SHAPE"] = list(arr.shape)
+    return [orjson.dumps(meta), arr.tobytes()]
+
+
 def component_id(obj: dict[str, Any]) -> str | None:
     """The sender's COMPONENT_ID as a string, for log lines; None when absent or unusable."""
     cid = obj.get("COMPONENT_ID")
@@ -102,10 +135,18 @@ def parse_logits(obj: dict[str, Any], key_fields: Sequence[str],
         raise DecodeError("bad_component_id", f"COMPONENT_ID of type {type(cid).__name__}")
     sender = model[:64]
 
-    if raw.__class__ is not list or not raw:
+    if raw.__class__ is np.ndarray:   # binary frames: float32 already (decode_binary)
+        arr = raw
+        b, a = arr.shape
+        if a > max_actions or b > max_batch:
+            raise DecodeError("bad_logits", f"shape {b}x{a} over limits {max_batch}x{max_actions}",
+                              sender)
+        if not np.isfinite(arr).all():
+            raise DecodeError("non_finite", "NaN or infinite logits", sender)
+    elif raw.__class__ is not list or not raw:
         raise DecodeError("bad_logits", "LOGITS must be a non-empty list", sender)
-    n = len(raw)
-    if raw[0].__class__ is not list and n <= SMALL_ROW:
+    elif raw[0].__class__ is not list and len(raw) <= SMALL_ROW:
+        n = len(raw)
         # The common case, one short row: check range in Python (orjson never yields NaN
         # or inf, so min and max bound every element) and convert once, with no overflow.
         if n > max_actions:

@@ -99,7 +99,8 @@ class View:
     received: dict[str, float] = field(default_factory=dict)
     rejected: dict[str, float] = field(default_factory=dict)
     windows: dict[str, float] = field(default_factory=dict)
-    latency: dict[str, tuple[float, float, float]] = field(default_factory=dict)  # since -> p50/90/99
+    # since (first, last) -> p50, p90, p99
+    latency: dict[str, tuple[float, float, float]] = field(default_factory=dict)
     aggregation_p99: float = math.nan
     open_windows: float | None = None
     cpu: float | None = None              # fraction of one core

@@ -21,7 +21,7 @@ from .aggregate import create as create_strategy
 from .config import Config
 from .errors import RejectedError
 from .ledger import Ledger
-from .messages import component_id, decode_object, encode, parse_logits
+from .messages import component_id, decode_binary, decode_object, encode, parse_logits
 from .metrics import Metrics
 from .window import Closed, Windows
 
@@ -114,7 +114,10 @@ class Worker:
                 n_logits += 1
                 try:
                     if obj is None:
-                        obj = decode_object(payload, lim.max_message_bytes)
+                        if payload.__class__ is tuple:
+                            obj = decode_binary(payload[0], payload[1], lim.max_message_bytes)
+                        else:
+                            obj = decode_object(payload, lim.max_message_bytes)
                     msg = parse_logits(obj, self.key_fields, lim.max_actions, lim.max_batch)
                     msg.token = token
                     pending += self.windows.add(msg, at)

@@ -305,8 +305,8 @@ def test_compose_brings_up_a_complete_consistent_pipeline():
 
 def test_docker_compose_config_when_docker_compose_is_installed():
     docker = shutil.which("docker")
-    if docker is None or subprocess.run([docker, "compose", "version"], check=False, capture_output=True,
-                                        timeout=30).returncode != 0:
+    if docker is None or subprocess.run([docker, "compose", "version"], check=False,
+                                        capture_output=True, timeout=30).returncode != 0:
         pytest.skip("docker compose is not installed: compose.yaml was checked by parsing")
     r = subprocess.run([docker, "compose", "-f", str(DEPLOY / "compose.yaml"), "config",
                         "--quiet"], check=False, capture_output=True, text=True, timeout=60)
@@ -429,8 +429,8 @@ def test_kubectl_kustomize_renders_the_manifests_offline():
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         pytest.skip("kubectl is not installed: the manifests were checked by parsing")
-    r = subprocess.run([kubectl, "kustomize", str(K8S)], check=False, capture_output=True, text=True,
-                       timeout=60)
+    r = subprocess.run([kubectl, "kustomize", str(K8S)], check=False, capture_output=True,
+                       text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     kinds = re.findall(r"(?m)^kind: (\w+)$", r.stdout)
     assert sorted(kinds) == ["ConfigMap", "Deployment", "Service"]

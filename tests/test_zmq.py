@@ -8,6 +8,7 @@ import urllib.error
 import urllib.request
 
 import numpy as np
+import orjson
 import pytest
 
 from tests.procs import ZmqPeer, cli, free_port, output, process, worker_env
@@ -124,3 +125,46 @@ def test_through_the_proxy_many_to_many():
             for p in peers:
                 p.close()
         assert proxy.poll() is None
+
+
+def test_binary_logits_frames():
+    from processor.messages import encode_binary
+
+    sub, pub, mport = free_port(), free_port(), free_port()
+    env = worker_env(transport__zmq__sub=f"tcp://127.0.0.1:{sub}",
+                     transport__zmq__pub=f"tcp://127.0.0.1:{pub}",
+                     window__models=3, window__key=["STEP"], window__timeout_ms=0,
+                     metrics__port=mport)
+    with process(cli("run"), env):
+        peer = ZmqPeer(f"tcp://127.0.0.1:{sub}", f"tcp://127.0.0.1:{pub}")
+        try:
+            peer.handshake()
+            rng = np.random.default_rng(5)
+            for step, batch in enumerate([None, 4, None, 2] * 10):
+                shape = (3, 7) if batch is None else (3, batch, 7)
+                x = rng.normal(0, 2, shape).astype(np.float32)
+                bad = [[b"{}", b"\x00\x00\x80"],                                # not float32s
+                       [orjson.dumps({"COMPONENT_ID": "z", "STEP": step, "SHAPE": [5, 5]}),
+                        x[0].tobytes()],                                        # SHAPE lies
+                       [b'{"COMPONENT_ID": "z", "STEP": -1}',
+                        np.array([np.nan, 1], "<f4").tobytes()]]                # NaN
+                for m in range(3):
+                    frames = encode_binary({"COMPONENT_ID": f"m{m}", "DETERMINISTIC": True,
+                                            "STEP": step}, x[m])
+                    if m == 1:
+                        peer.pub.send_multipart([b"logits", *bad[step % 3]])
+                    peer.pub.send_multipart([b"logits", *frames])
+                # JSON and binary models may mix in one window
+                out = peer.recv("action")
+                stack = x[:, None, :] if batch is None else x
+                assert out["STEP"] == step
+                assert out["ACTION"] == sum_probs(stack)[1].tolist()
+            peer.pub.send_multipart([b"logits", b"{}", b"", b"four"])
+            time.sleep(0.3)
+        finally:
+            peer.close()
+        from tests.procs import metric
+        rejected = {r: metric(mport, "swarm_aggregator_messages_rejected_total", reason=r)
+                    for r in ("bad_logits", "non_finite", "bad_frame")}
+    assert rejected["bad_logits"] == 27 and rejected["non_finite"] == 13
+    assert rejected["bad_frame"] == 1

@@ -26,7 +26,9 @@ from typing import Any, Protocol, Self
 from processor.config import Config
 from processor.errors import ConfigError
 
-Envelope = tuple[str | None, bytes, float, Any]
+# The payload: JSON bytes, or (JSON bytes, float32 values) for binary logits (ZeroMQ).
+Payload = bytes | tuple[bytes, bytes]
+Envelope = tuple[str | None, Payload, float, Any]
 # Called by a transport for input it refuses before the worker sees it (reason, detail).
 RejectHook = Callable[[str, str], None]
 

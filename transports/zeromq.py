@@ -1,5 +1,9 @@
 """ZeroMQ transport: a SUB socket in (logits, evolution), a PUB socket out (actions, replies).
 
+Logits may also come as three frames, `[topic, JSON, values]`: the JSON is the message
+without LOGITS (plus `"SHAPE": [B, A]` for a batch), the values are its logits as
+little-endian float32 (`array.astype("<f4").tobytes()`): no text to parse or convert.
+
 Guarantees (ZeroMQ PUB/SUB): at-most-once; per-publisher order is kept; a message sent
 before the subscription reached the publisher is lost (the "slow joiner"); when a
 subscriber's queue holds `rcvhwm` messages, further ones are dropped by ZeroMQ without
@@ -36,6 +40,7 @@ class ZmqTransport:
         self.cfg = cfg.transport.zmq
         self.topics = {cfg.topics.logits.encode(): cfg.topics.logits,
                        cfg.topics.evolution.encode(): cfg.topics.evolution}
+        self.logits_topic = cfg.topics.logits
         self.max_bytes = cfg.limits.max_message_bytes
         self.on_reject = on_reject
         self.ctx = context or zmq.Context.instance()
@@ -125,7 +130,8 @@ class ZmqTransport:
     async def receive(self, timeout: float | None) -> list[Envelope]:
         sub = self._sub
         assert sub is not None, "use 'async with transport'"
-        if not _pollin(sub) and not (self.spin_ms and sub.poll(self.spin_ms)):
+        spin = self.spin_ms if timeout is None or timeout > 0 else 0
+        if not _pollin(sub) and not (spin and sub.poll(spin)):
             # Nothing within the spin: give the event loop back until the socket stirs.
             self._readable.clear()
             # Reading EVENTS re-arms the edge; a message may have come in between.
@@ -138,6 +144,7 @@ class ZmqTransport:
         out: list[Envelope] = []
         recv = sub.recv_multipart
         topics = self.topics
+        logits = self.logits_topic
         now = time.monotonic()
         while len(out) < MAX_BURST:
             try:
@@ -147,13 +154,21 @@ class ZmqTransport:
             topic = topics.get(frames[0])
             if topic is None:
                 continue  # another topic that merely starts with ours (prefix match)
-            if len(frames) != 2:
-                self.on_reject("bad_frame", f"{len(frames)} frames on topic {topic!r}, not 2")
+            n = len(frames)
+            if n == 2:
+                size = len(frames[1])
+                payload: bytes | tuple[bytes, bytes] = frames[1]
+            elif n == 3 and topic is logits:
+                # binary logits: [topic, JSON without LOGITS, float32 little-endian values]
+                size = len(frames[1]) + len(frames[2])
+                payload = (frames[1], frames[2])
+            else:
+                self.on_reject("bad_frame", f"{n} frames on topic {topic!r}")
                 continue
-            if len(frames[1]) > self.max_bytes:
-                self.on_reject("too_large", f"{len(frames[1])} bytes > {self.max_bytes}")
+            if size > self.max_bytes:
+                self.on_reject("too_large", f"{size} bytes > {self.max_bytes}")
                 continue
-            out.append((topic, frames[1], now, None))
+            out.append((topic, payload, now, None))
         return out
 
     async def publish(self, topic: str, payload: bytes, dedup: str | None = None) -> bool:
