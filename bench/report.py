@@ -104,8 +104,10 @@ def kernel(r: dict[str, Any]) -> list[str]:
             f"{c['torch_threads']}"),
            *table(["A", "M", "1 window/call µs", *heads], rows)]
     drows = [[str(d["actions"]), f"{d['message_bytes']:,}", fig(d["decode_us"]),
-              fig(d["orjson_loads_us"])] for d in r["decode"]]
-    out += ["", *table(["A", "bytes", "decode+parse µs/msg", "orjson.loads µs/msg"], drows)]
+              fig(d["orjson_loads_us"]), f"{d['binary_bytes']:,}",
+              fig(d["binary_decode_us"])] for d in r["decode"]]
+    out += ["", *table(["A", "JSON bytes", "decode+parse µs/msg", "orjson.loads µs/msg",
+                        "binary bytes", "binary decode+parse µs/msg"], drows)]
     return out
 
 
