@@ -72,7 +72,7 @@ from .base import MAX_BURST, Envelope, RejectHook
 
 log = logging.getLogger("swarm_aggregator.nats")
 
-PULL_EXPIRES_S = 5.0     # a pull request lives this long on the server ...
+PULL_EXPIRES_S = 5.0     # a pull request lives at most this long on the server ...
 PULL_HEARTBEAT_S = 1.0   # ... and says it is alive this often while idle
 LOG_EVERY_S = 5.0        # at most one line per kind of trouble in this interval
 INTERNAL = "_swarm"      # actions go in as _swarm.<action>.<token>, come out as <action>.<token>
@@ -291,6 +291,10 @@ class NatsTransport:
         self._closing = False
         self._give_up_at = float("inf")
         self._high = max(4 * n.pull_batch, 1024)  # local queue length that stops pulling
+        # A new pull request at least every ack_wait_s / 2 keeps this worker's pin (the
+        # server unpins a client that sends none for ack_wait_s).
+        self._expires = min(PULL_EXPIRES_S, n.ack_wait_s / 2)
+        self._heartbeat = min(PULL_HEARTBEAT_S, self._expires / 4)
         self._logged: dict[str, float] = {}
         evo = {"WORKER": self.worker_id, "WORKERS": n.workers, "PARTITIONS": self.partitions}
         self._evolution_tag = evo
@@ -481,8 +485,8 @@ class NatsTransport:
         want = self.cfg.pull_batch - pull.outstanding
         if want <= self.cfg.pull_batch // 2:
             return
-        request: dict[str, Any] = {"batch": want, "expires": int(PULL_EXPIRES_S * 1e9),
-                                   "idle_heartbeat": int(PULL_HEARTBEAT_S * 1e9),
+        request: dict[str, Any] = {"batch": want, "expires": int(self._expires * 1e9),
+                                   "idle_heartbeat": int(self._heartbeat * 1e9),
                                    "group": PRIORITY_GROUP}
         if pull.pin:
             request["id"] = pull.pin
@@ -516,9 +520,10 @@ class NatsTransport:
             with contextlib.suppress(Exception):
                 await h.msg.nak()
         if had or mine:
-            log.warning("nats: partition %d is served by another worker now (this one was "
-                        "away over ack_wait_s, or two run with index %d); %d messages handed "
-                        "back, waiting as a standby", pull.partition, self.cfg.index, len(mine))
+            log.warning("nats: partition %d is pinned to another client now (another worker "
+                        "with index %d, or this one was away over ack_wait_s, or the server "
+                        "restarted); %d messages handed back", pull.partition, self.cfg.index,
+                        len(mine))
 
     async def _keep(self) -> None:
         """Progress notes for held messages, lost pull requests, re-creation after a loss."""
@@ -540,7 +545,7 @@ class NatsTransport:
                         h.at = now
                         await h.msg.in_progress()
                 for pull in self._pulls.values():
-                    if pull.outstanding and now - pull.seen > 3 * PULL_HEARTBEAT_S:
+                    if pull.outstanding and now - pull.seen > 3 * self._heartbeat:
                         pull.outstanding = 0  # no heartbeat: the request died with a server
                     await self._pull(pull)
             except asyncio.CancelledError:
