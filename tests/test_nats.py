@@ -335,6 +335,7 @@ async def test_in_process_stop_hands_open_windows_back_at_once(server):
         stop.set()
         await asyncio.wait_for(task, 10)
         assert not transport.ready
+        assert transport.counters()["handed_back"] == 1
         infos = await swarm.consumers()
         assert sum(c.num_pending + c.num_ack_pending for c in infos) == 1  # NAKed, not lost
         transport, stop, task = await run_worker()
@@ -345,6 +346,7 @@ async def test_in_process_stop_hands_open_windows_back_at_once(server):
         assert "PARTIAL" not in swarm.live[("envS", 0)][0]
         stop.set()
         await asyncio.wait_for(task, 10)
+        assert transport.counters()["redelivery"] == 1
         assert await swarm.drained()
 
 

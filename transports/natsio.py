@@ -275,6 +275,7 @@ class NatsTransport:
         self.dead_letters = 0
         self.duplicates = 0    # actions the stream already had (a rebuilt window)
         self.redelivered = 0   # deliveries after the first
+        self.handed_back = 0   # messages given back (NAK) to the worker now serving them
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
         self._subs: list[Subscription] = []
@@ -384,6 +385,7 @@ class NatsTransport:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
         # What is still held (open windows) goes back now rather than after ack_wait.
+        self.handed_back += len(self._held)
         for h in list(self._held.values()):
             try:
                 await h.msg.nak()
@@ -513,6 +515,7 @@ class NatsTransport:
         had = pull.pin
         pull.pin = ""
         mine = [h for h in self._held.values() if h.partition == pull.partition]
+        self.handed_back += len(mine)
         for h in mine:
             del self._held[h.seq]
             h.released = True
@@ -681,6 +684,11 @@ class NatsTransport:
     def stamp(self, topic: str) -> dict[str, Any] | None:
         return None
 
+    def counters(self) -> dict[str, int]:
+        """Events of this transport so far, for metrics (by event name)."""
+        return {"dead_letter": self.dead_letters, "duplicate_action": self.duplicates,
+                "redelivery": self.redelivered, "handed_back": self.handed_back}
+
     # -- housekeeping --------------------------------------------------------------------
 
     def _spawn(self, coro: Any) -> None:
@@ -720,8 +728,7 @@ def connect_options(n: NatsConfig, name: str) -> dict[str, Any]:
     options: dict[str, Any] = {
         "servers": n.servers, "name": name, "allow_reconnect": True,
         "max_reconnect_attempts": -1, "reconnect_time_wait": n.reconnect_wait_s,
-        "connect_timeout": 2,
-        "skip_subject_validation": True}  # its subjects are checked once, in the config
+        "connect_timeout": 2}
     if n.user:
         options.update(user=n.user, password=n.password)
     if n.token:
