@@ -161,8 +161,12 @@ async def ensure_streams(js: JetStreamContext, cfg: Config) -> None:
                 await js.add_stream(sc)
                 log.info("created stream %s (subjects %s)", sc.name, ", ".join(sc.subjects or []))
                 continue
-            except BadRequestError:
-                info = await js.stream_info(sc.name)  # another worker created it meanwhile
+            except BadRequestError as e:
+                try:
+                    info = await js.stream_info(sc.name)  # another worker made it meanwhile
+                except NotFoundError:
+                    raise ConfigError("transport.nats", f"the server refuses stream {sc.name}: "
+                                      f"{e.description}") from None
         if sc.subject_transform is not None:
             have = info.config.subject_transform
             if have is None or have.dest != sc.subject_transform.dest:
@@ -188,8 +192,13 @@ async def ensure_consumers(js: JetStreamContext, cfg: Config, partitions: list[i
         body = orjson.dumps({"stream_name": n.stream, "config": consumer_config(cfg, p)})
         msg = await nc.request(f"$JS.API.CONSUMER.CREATE.{n.stream}.{name}", body, timeout=5)
         resp = orjson.loads(msg.data)
-        if "error" in resp:
-            raise APIError.from_error(resp["error"])
+        error = resp.get("error")
+        if error is not None:
+            if int(error.get("code") or 500) < 500:
+                raise ConfigError("transport.nats", f"the server refuses consumer {name}: "
+                                  f"{error.get('description')} (pinned-client consumers need "
+                                  "NATS server 2.11 or later)")
+            APIError.from_error(error)  # raises: JetStream busy (electing a leader), retried
 
 
 def merge_replies(replies: list[dict[str, Any]]) -> dict[str, Any]:
