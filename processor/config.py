@@ -284,14 +284,6 @@ def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
     return tree
 
 
-def _nats_name(name: str) -> bool:
-    return bool(name) and all(c.isalnum() or c in "-_" for c in name)
-
-
-def _nats_subject(subject: str) -> bool:
-    return all(tok and not any(c in tok for c in " \t\r\n*>") for tok in subject.split("."))
-
-
 def _validate(cfg: Config) -> None:
     def need(ok: bool, key: str, message: str) -> None:
         if not ok:
@@ -318,6 +310,14 @@ def _validate(cfg: Config) -> None:
              "must name the server's public certificate for sockets that connect")
     need(t.zmq.sndhwm >= 0, "transport.zmq.sndhwm", "must be >= 0")
     n = t.nats
+
+    def nats_name(name: str) -> bool:
+        return bool(name) and all(c.isalnum() or c in "-_" for c in name)
+
+    def nats_subject(subject: str) -> bool:
+        return all(tok and not any(c in tok for c in " \t\r\n*>")
+                   for tok in subject.split("."))
+
     need(bool(n.servers), "transport.nats.servers", "must name at least one server")
     for url in n.servers:
         need("://" in url, "transport.nats.servers", f"not a NATS URL: {url!r}")
@@ -344,9 +344,9 @@ def _validate(cfg: Config) -> None:
          "tls_cert and tls_key go together")
     for k in ("stream", "action_stream", "dead_letter_stream"):
         name = getattr(n, k)
-        need(_nats_name(name) or (k == "dead_letter_stream" and not name),
+        need(nats_name(name) or (k == "dead_letter_stream" and not name),
              f"transport.nats.{k}", "must be a stream name (letters, digits, - and _)")
-    need(not n.dead_letter_subject or _nats_subject(n.dead_letter_subject),
+    need(not n.dead_letter_subject or nats_subject(n.dead_letter_subject),
          "transport.nats.dead_letter_subject", "must be a subject without wildcards")
     need(not n.dead_letter_stream or bool(n.dead_letter_subject),
          "transport.nats.dead_letter_subject", "must be set when dead_letter_stream is")
@@ -357,7 +357,7 @@ def _validate(cfg: Config) -> None:
              "dies, a window whose other messages were already acknowledged closes only "
              "at its deadline")
         for k in ("logits", "action", "evolution"):
-            need(_nats_subject(getattr(cfg.topics, k)), f"topics.{k}",
+            need(nats_subject(getattr(cfg.topics, k)), f"topics.{k}",
                  "must be a NATS subject without wildcards or spaces")
     for k in ("logits", "action", "evolution"):
         need(bool(getattr(cfg.topics, k)), f"topics.{k}", "must not be empty")
