@@ -53,6 +53,7 @@ async def serve(cfg: Config) -> int:
 
     transport = create(cfg, on_reject)
     worker = Worker(cfg, transport, metrics)
+    metrics.transport_events.source = getattr(transport, "counters", None)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -130,6 +131,12 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_nats(args: argparse.Namespace) -> int:
+    from transports.natsio import main as nats_main
+
+    return nats_main(args.rest)
+
+
 def cmd_study(args: argparse.Namespace) -> int:
     from .study import run_study
 
@@ -205,6 +212,14 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--name", default="worker", help="file name stem (default %(default)s)")
     k.set_defaults(func=cmd_keys)
 
+    n = sub.add_parser("nats", help="NATS helpers: setup, get, peek, status, drive",
+                       description="Operations on the NATS JetStream set-up: create the "
+                                   "streams and consumers (setup), sum every worker's "
+                                   "contribution (get), and more; see "
+                                   "'swarm-aggregator nats --help'.", add_help=False)
+    n.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of the NATS helper")
+    n.set_defaults(func=cmd_nats)
+
     s = sub.add_parser("study", help="compare the aggregation rules on a mixed swarm",
                        description="Run the demo's toy environment, without a transport, "
                                    "with good, noisy and adversarial models under every "
@@ -276,6 +291,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["nats"]:  # its own command line, options included
+        from transports.natsio import main as nats_main
+
+        return nats_main(argv[1:])
     args = build_parser().parse_args(argv)
     code: int = args.func(args)
     return code

@@ -64,6 +64,29 @@ class SumsByLabel:
         yield CounterMetricFamily(self.name, self.documentation, labels=[self.label])
 
 
+class TransportEvents:
+    """`swarm_aggregator_transport_events_total{event}`: the transport's own counters
+    (reconnects, sends dropped while disconnected, NATS redeliveries and dead letters...),
+    read from its `counters()` at scrape time."""
+
+    name = f"{PREFIX}_transport_events"
+
+    def __init__(self) -> None:
+        self.source: Callable[[], dict[str, int]] | None = None
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(self.name, "Events of the transport, by event.",
+                                     labels=["event"])
+        if self.source is not None:
+            for event, n in sorted(self.source().items()):
+                family.add_metric([event], n)
+        yield family
+
+    def describe(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(self.name, "Events of the transport, by event.",
+                                  labels=["event"])
+
+
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None, max_models: int = 100,
                  process: bool = True) -> None:
@@ -90,6 +113,8 @@ class Metrics:
             "step sum to 1): its rate over the rate of environment steps is the model's "
             "share.", "model")
         r.register(self.contribution)
+        self.transport_events = TransportEvents()
+        r.register(self.transport_events)
         self.model_steps = SumsByLabel(
             f"{PREFIX}_model_steps", "Environment steps decided with each model taking part.",
             "model")

@@ -290,3 +290,12 @@ async def test_model_weights_at_run_time_change_the_action():
         rig.send({"CMD": "SET_MODEL_WEIGHTS", "MODEL_WEIGHTS": {"b": "heavy"}}, "evolution")
         await asyncio.sleep(0.05)
         assert rig.rejected("bad_command") == 1
+
+
+def test_transport_events_are_exported_at_scrape_time():
+    m = Metrics(CollectorRegistry())
+    events = {"reconnect": 0}
+    m.transport_events.source = lambda: dict(events)
+    events["reconnect"] = 3
+    get = m.registry.get_sample_value
+    assert get("swarm_aggregator_transport_events_total", {"event": "reconnect"}) == 3

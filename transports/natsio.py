@@ -950,7 +950,7 @@ def main(argv: list[str] | None = None) -> int:
     from processor.config import load
 
     parser = argparse.ArgumentParser(
-        prog="python -m transports.natsio",
+        prog="swarm-aggregator nats",
         description="NATS helpers of swarm-aggregator. Config as for `swarm-aggregator run`: "
                     "-c FILE and SWARM_AGG__* variables.")
     parser.add_argument("command", choices=("setup", "get", "peek", "status", "drive"),

@@ -231,6 +231,10 @@ class SwergioTransport:
                 return False
         return True
 
+    def counters(self) -> dict[str, int]:
+        """Events of this transport so far, for metrics (by event name)."""
+        return {"reconnect": max(0, self.connects - 1), "send_dropped": self.dropped_out}
+
     def stamp(self, topic: str) -> dict[str, Any] | None:
         return {"ID": uuid.uuid4().hex, "TYPE": "DATA/CUSTOM", "TO_ROOM": topic,
                 "SENT_BY": self.cfg.name}
