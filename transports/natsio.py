@@ -173,7 +173,7 @@ async def ensure_streams(js: JetStreamContext, cfg: Config) -> None:
                 raise ConfigError("transport.nats.partitions", (
                     f"stream {sc.name} maps {have.src if have else '-'} -> "
                     f"{have.dest if have else '-'}, not {sc.subject_transform.dest}: P differs "
-                    "(changing P needs a drained stream; see docs/nats.md)"))
+                    "(changing P needs a drained stream; see README.md (Scaling out))"))
 
 
 async def ensure_consumers(js: JetStreamContext, cfg: Config, partitions: list[int]) -> None:
