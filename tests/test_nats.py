@@ -379,3 +379,23 @@ def test_merge_replies_sums_the_shares():
     assert merged["STEPS"] == 40 and merged["PARTITIONS"] == [0, 1, 2]
     assert merged["MISSED"] == {"m": 3, "n": 1}
     assert merged["AGREEMENT"]["m"] == pytest.approx(0.875)
+
+
+async def test_user_and_password_are_passed_and_never_logged(tmp_path, caplog):
+    from tests.nats_helpers import NatsServer
+    from transports import create
+
+    srv = NatsServer(tmp_path / "js", "--user", "swarm", "--pass", "s3cret-pw").start()
+    try:
+        good = config(srv.url, user="swarm", password="s3cret-pw", connect_wait_s=3.0)
+        assert "s3cret-pw" not in repr(good) and "s3cret-pw" not in good.describe()
+        t = create(good)
+        async with t:
+            assert t.ready
+        bad = config(srv.url, user="swarm", password="wrong-pw", connect_wait_s=2.0)
+        with pytest.raises(Exception):  # noqa: B017 - refused, whatever nats-py calls it
+            async with create(bad):
+                pass
+        assert "s3cret-pw" not in caplog.text and "wrong-pw" not in caplog.text
+    finally:
+        srv.stop()
