@@ -82,3 +82,16 @@ def test_help_is_useful(command):
     assert r.returncode == 0
     assert "usage: swarm-aggregator" in r.stdout
     assert len(r.stdout.splitlines()) > 4
+
+
+def test_the_installed_command_works_outside_the_source_tree(tmp_path):
+    import sys
+    from pathlib import Path
+
+    exe = Path(sys.executable).parent / "swarm-aggregator"
+    if not exe.exists():
+        pytest.skip("swarm-aggregator is not installed next to this Python")
+    r = subprocess.run([str(exe), "demo", "--steps", "50", "--quiet"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=100, check=False)
+    assert r.returncode == 0, r.stderr
+    assert "50 steps in" in r.stdout
