@@ -47,17 +47,23 @@ def _convert_rows(raw: list[Any], sender: str, max_actions: int, max_batch: int)
         arr = arr.reshape(1, -1)
     elif arr.ndim != 2:
         raise DecodeError("bad_logits", f"LOGITS has {arr.ndim} levels; 1 or 2 allowed", sender)
-    b, a = arr.shape
-    if a == 0:
+    if arr.shape[1] == 0:
         raise DecodeError("bad_logits", "empty rows", sender)
+    return _checked(arr, sender, max_actions, max_batch, from_json=True)
+
+
+def _checked(arr: np.ndarray, sender: str, max_actions: int, max_batch: int,
+             from_json: bool) -> np.ndarray:
+    """The limits and finiteness of a float32 (B, A) array of logits."""
+    b, a = arr.shape
     if a > max_actions or b > max_batch:
         raise DecodeError("bad_logits", f"shape {b}x{a} over limits {max_batch}x{max_actions}",
                           sender)
     if not np.isfinite(arr).all():
-        if np.isnan(arr).any():  # orjson yields no NaN: it was a null
+        if from_json and np.isnan(arr).any():  # orjson yields no NaN: it was a null
             raise DecodeError("bad_logits", "null among LOGITS", sender)
         # Float32 is the seed's precision: a finite JSON value past 3.4e38 is infinite here.
-        raise DecodeError("non_finite", "logits beyond float32 range", sender)
+        raise DecodeError("non_finite", "NaN or logits beyond float32 range", sender)
     return arr
 
 
@@ -136,13 +142,7 @@ def parse_logits(obj: dict[str, Any], key_fields: Sequence[str],
     sender = model[:64]
 
     if raw.__class__ is np.ndarray:   # binary frames: float32 already (decode_binary)
-        arr = raw
-        b, a = arr.shape
-        if a > max_actions or b > max_batch:
-            raise DecodeError("bad_logits", f"shape {b}x{a} over limits {max_batch}x{max_actions}",
-                              sender)
-        if not np.isfinite(arr).all():
-            raise DecodeError("non_finite", "NaN or infinite logits", sender)
+        arr = _checked(raw, sender, max_actions, max_batch, from_json=False)
     elif raw.__class__ is not list or not raw:
         raise DecodeError("bad_logits", "LOGITS must be a non-empty list", sender)
     elif raw[0].__class__ is not list and len(raw) <= SMALL_ROW:
@@ -183,16 +183,21 @@ def parse_logits(obj: dict[str, Any], key_fields: Sequence[str],
     return Logits(model, arr, det, key, extra)
 
 
-def command_of(payload: bytes, max_bytes: int) -> str | None:
-    """The CMD of an evolution message, or None for everything else.
+def decode_command(payload: bytes, max_bytes: int) -> dict[str, Any] | None:
+    """An evolution message that has a "CMD" field, decoded; None for everything else.
 
     Evolution traffic also carries large WEIGHTS messages; those without a "CMD" field are
     recognised from their bytes and never parsed.
     """
     if b'"CMD"' not in payload:
         return None
-    obj = decode_object(payload, max_bytes)
-    cmd = obj.get("CMD")
+    return decode_object(payload, max_bytes)
+
+
+def command_of(payload: bytes, max_bytes: int) -> str | None:
+    """The CMD of an evolution message, or None for everything else."""
+    obj = decode_command(payload, max_bytes)
+    cmd = None if obj is None else obj.get("CMD")
     return cmd if isinstance(cmd, str) else None
 
 

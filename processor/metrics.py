@@ -173,8 +173,8 @@ class Metrics:
         values = self.received.values
         values[topic] = values.get(topic, 0.0) + n
 
-    def reject(self, reason: str) -> None:
-        self._rejected[reason].inc()
+    def reject(self, reason: str, n: int = 1) -> None:
+        self._rejected[reason].inc(n)
 
     def closed(self, outcome: str) -> None:
         self._windows[outcome].inc()

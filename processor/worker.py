@@ -21,7 +21,14 @@ from .aggregate import create as create_strategy
 from .config import Config
 from .errors import RejectedError
 from .ledger import Ledger
-from .messages import component_id, decode_binary, decode_object, encode, parse_logits
+from .messages import (
+    component_id,
+    decode_binary,
+    decode_command,
+    decode_object,
+    encode,
+    parse_logits,
+)
 from .metrics import Metrics
 from .window import Closed, Windows
 
@@ -103,12 +110,8 @@ class Worker:
                     continue
                 if obj.get("TYPE") != "DATA/CUSTOM":
                     continue  # swergio commands and logs: the seed reacts to DATA/CUSTOM only
-                room = obj.get("TO_ROOM")
-                if room == self.t_logits:
-                    topic = room
-                elif room == self.t_evolution:
-                    topic = room
-                else:
+                topic = obj.get("TO_ROOM")
+                if topic != self.t_logits and topic != self.t_evolution:
                     continue
             if topic == self.t_logits:
                 n_logits += 1
@@ -129,21 +132,20 @@ class Worker:
             elif topic == self.t_evolution:
                 n_evolution += 1
                 if obj is None:
-                    if b'"CMD"' not in payload:
-                        continue  # WEIGHTS and the like: not for us, never parsed
                     try:
-                        obj = decode_object(payload, lim.max_message_bytes)
+                        obj = decode_command(payload, lim.max_message_bytes)
                     except RejectedError as e:
                         self.reject(e.reason, e.detail)
                         continue
+                    if obj is None:
+                        continue  # WEIGHTS and the like: not for us, never parsed
                 cmd = obj.get("CMD")
                 if cmd in COMMANDS:
                     await self._flush(pending)
                     pending = []
                     await self._command(cmd, obj)
         if self.windows.replaced != replaced:
-            for _ in range(self.windows.replaced - replaced):
-                self.metrics.reject("duplicate")
+            self.metrics.reject("duplicate", self.windows.replaced - replaced)
             self.rejects.reject("duplicate", "lockstep: a model sent again; its newer logits "
                                 "replace the older", None)
         if n_logits:
