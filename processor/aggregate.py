@@ -9,6 +9,13 @@ in one pass of torch, so the cost per window falls as bursts grow. Each rule def
     credit[m]      support[m, a] / sum_k support[k, a] for the action a taken: it sums to 1
                    over the models of one environment step
 
+Sums over the models run in float32, in model order, one column at a time: equal inputs
+give equal scores whatever the action's position, A, M or the burst, so an exact tie in the
+input is a tie in the score and goes to the lowest action index. (torch's float32 reduction
+adds a column in an order that depends on its SIMD lane, so an exact tie went to the higher
+index about one time in seven; the seed's own sums do the same. This is the one place where
+the worker is deliberately not the seed's bit for bit.)
+
 Optional per-model weights w_m (default 1) scale each model's support. The rules:
 
 - `sum_probs` (the seed, swergio RLGym example `get_action`; Boltzmann addition at T = 1):
@@ -45,7 +52,7 @@ torch.set_num_threads(1)  # small tensors: threads cost more than they save, and
 @dataclass(slots=True)
 class Result:
     actions: np.ndarray  # int64, shape (B,)
-    credit: np.ndarray   # float32, shape (M, B): model m's share of environment b's action
+    credit: np.ndarray   # float64, shape (M, B): model m's share of environment b's action
     agree: np.ndarray    # bool, shape (M, B): model m's own argmax was the action taken
 
 
@@ -89,18 +96,20 @@ class Strategy:
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Windows of one shape: x (W, M, B, A) float32, det (W,) bool, w (W, M) or None.
 
-        Returns actions (W, B) int64, credit (W, M, B) float32, agree (W, M, B) bool.
+        Returns actions (W, B) int64, credit (W, M, B) float64, agree (W, M, B) bool.
 
-        torch computes what the seed computes in torch (softmax, and the sums of the rule),
-        so the floats are the seed's to the bit; what follows (argmax, draws, gathers,
-        divisions) is exact or elementwise and runs in numpy, where a small array costs a
-        microsecond per operation instead of several.
+        torch computes the softmax, as the seed does, so the probabilities are the seed's
+        to the bit; what follows (sums over the models, argmax, draws, gathers, divisions)
+        runs in numpy, where a small array costs a microsecond per operation instead of
+        several, and where each column's sum is added in model order (see the module's
+        docstring on ties).
         """
         xt = torch.from_numpy(x)
         probs_t = torch.softmax(xt, dim=-1)                              # (W, M, B, A)
-        support_t, score_t = self.support(xt, probs_t, None if w is None
-                                          else torch.from_numpy(w))
-        probs, support, score = probs_t.numpy(), support_t.numpy(), score_t.numpy()
+        support_t, summed_t = self.support(xt, probs_t, None if w is None
+                                           else torch.from_numpy(w))
+        probs, support = probs_t.numpy(), support_t.numpy()
+        score = _sum_models(summed_t.numpy())                            # (W, B, A)
         actions = score.argmax(axis=-1)                                  # (W, B)
         if not det.all():
             if not det.any():
@@ -110,16 +119,16 @@ class Strategy:
                 actions[rows] = self.sample(score[rows], support[rows])
         n_w, _, n_b, _ = x.shape
         wi, bi = np.arange(n_w)[:, None], np.arange(n_b)[None, :]
-        chosen = support[wi, :, bi, actions].transpose(0, 2, 1)          # (W, M, B)
+        chosen = support[wi, :, bi, actions].transpose(0, 2, 1).astype(np.float64)  # W, M, B
         if self.score_sums_support:
-            total = score[wi, bi, actions][:, None, :]                   # (W, 1, B)
+            total = score[wi, bi, actions][:, None, :].astype(np.float64)  # (W, 1, B)
         else:
             total = chosen.sum(axis=1, keepdims=True)
         if self.support_may_vanish and (total <= 0).any():
             # Nobody supported the action taken (a sampled action no model voted for):
             # each model's probability of it stands in.
             weighted = probs if w is None else probs * w[:, :, None, None]
-            fallback = weighted[wi, :, bi, actions].transpose(0, 2, 1)
+            fallback = weighted[wi, :, bi, actions].transpose(0, 2, 1).astype(np.float64)
             chosen = np.where(total > 0, chosen, fallback)
             total = chosen.sum(axis=1, keepdims=True)
         credit = chosen / total
@@ -133,7 +142,7 @@ class Strategy:
 
     def support(self, x: torch.Tensor, probs: torch.Tensor, w: torch.Tensor | None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(support (W, M, B, A), score (W, B, A)) of this rule."""
+        """(support, summed), both (W, M, B, A): score = summed over the models."""
         raise NotImplementedError
 
     def sample(self, score: np.ndarray, support: np.ndarray) -> np.ndarray:
@@ -153,6 +162,19 @@ class Strategy:
         return np.minimum(drawn, cdf.shape[-1] - 1)
 
 
+def _sum_models(v: np.ndarray) -> np.ndarray:
+    """(W, M, B, A) float32 -> (W, B, A) float32, each column added in model order.
+
+    An explicit loop over the models: every column then goes through the same elementwise
+    additions, which no reduction strategy of numpy or torch promises. float32, as the
+    seed: its rounding decides the near-ties of the seed's vectors (1 + 3e-9 is 1).
+    """
+    out = v[:, 0].copy()
+    for m in range(1, v.shape[1]):
+        out += v[:, m]
+    return out
+
+
 def _weighted(probs: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
     return probs if w is None else probs * w[:, :, None, None]
 
@@ -163,7 +185,7 @@ class SumProbs(Strategy):
     def support(self, x: torch.Tensor, probs: torch.Tensor, w: torch.Tensor | None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         s = _weighted(probs, w)
-        return s, s.sum(dim=1)
+        return s, s
 
     def sample(self, score: np.ndarray, support: np.ndarray) -> np.ndarray:
         return self._draw(score)  # Categorical(P / sum P), as the seed
@@ -188,7 +210,7 @@ class BoltzmannMultiplication(Strategy):
     def support(self, x: torch.Tensor, probs: torch.Tensor, w: torch.Tensor | None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         xs = x if w is None else x * w[:, :, None, None]
-        return _weighted(probs, w), xs.sum(dim=1)
+        return _weighted(probs, w), xs
 
 
 class MajorityVote(Strategy):
@@ -199,7 +221,7 @@ class MajorityVote(Strategy):
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         votes = torch.zeros_like(x).scatter_(-1, x.argmax(dim=-1, keepdim=True), 1.0)
         votes = _weighted(votes, w)
-        return votes, votes.sum(dim=1)
+        return votes, votes
 
 
 class RankVote(Strategy):
@@ -213,7 +235,7 @@ class RankVote(Strategy):
         points = torch.arange(a, 0, -1, dtype=x.dtype).expand_as(x).contiguous()
         ranks = torch.empty_like(x).scatter_(-1, order, points)
         ranks = _weighted(ranks, w)
-        return ranks, ranks.sum(dim=1)
+        return ranks, ranks
 
 
 STRATEGIES: dict[str, type[Strategy]] = {
