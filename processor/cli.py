@@ -142,7 +142,7 @@ def cmd_study(args: argparse.Namespace) -> int:
 
     run_study(steps=args.steps, actions=args.actions, batch=args.batch, good=args.good,
               noisy=args.noisy, adversarial=args.adversarial, seed=args.seed,
-              png=args.png or None, json_path=args.json)
+              png=args.png or None, json_path=args.json, markdown=args.markdown)
     return 0
 
 
@@ -235,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--png", default="study.png",
                    help="plot file (needs matplotlib; '' for none; default %(default)s)")
     s.add_argument("--json", help="also write the figures as JSON to this file")
+    s.add_argument("--markdown", action="store_true",
+                   help="print the table as Markdown, as the README shows it")
     s.set_defaults(func=cmd_study)
 
     t = sub.add_parser("top", help="live terminal view of a worker's /metrics",

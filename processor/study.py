@@ -147,10 +147,22 @@ def plot(runs: list[Run], swarm: Swarm, path: Path) -> bool:
     return True
 
 
+def markdown_table(runs: list[Run]) -> str:
+    """The README's table: one row per rule, argmax and sampling side by side."""
+    by = {(r.strategy, r.deterministic): r for r in runs}
+    lines = ["| strategy | reward, argmax | rank corr., argmax | reward, sample "
+             "| rank corr., sample |", "|---|---|---|---|---|"]
+    for name in dict.fromkeys(r.strategy for r in runs):
+        det, smp = by[(name, True)], by[(name, False)]
+        lines.append(f"| {name} | {det.reward:.3f} | {det.rank_correlation:.3f} "
+                     f"| {smp.reward:.3f} | {smp.rank_correlation:.3f} |")
+    return "\n".join(lines)
+
+
 def run_study(steps: int = 3000, actions: int = 6, batch: int = 1, good: int = 4,
               noisy: int = 4, adversarial: int = 2, seed: int = 0, period: int = 100,
               png: str | None = None, json_path: str | None = None,
-              out: TextIO = sys.stdout) -> list[Run]:
+              out: TextIO = sys.stdout, markdown: bool = False) -> list[Run]:
     swarm = mixed_swarm(good, noisy, adversarial, seed)
     runs: list[Run] = []
     quality = np.zeros(0)
@@ -162,10 +174,13 @@ def run_study(steps: int = 3000, actions: int = 6, batch: int = 1, good: int = 4
           f"{steps} steps, {actions} actions, batch {batch}, seed {seed}", file=out)
     print("model quality (own hit rate): " + ", ".join(
         f"{n} {q:.2f}" for n, q in zip(swarm.names, quality)), file=out)
-    print(f"{'strategy':<26} {'mode':<9} {'reward':>7} {'rank corr.':>11}", file=out)
-    for r in runs:
-        print(f"{r.strategy:<26} {'argmax' if r.deterministic else 'sample':<9} "
-              f"{r.reward:7.3f} {r.rank_correlation:11.3f}", file=out)
+    if markdown:  # the README's table is this output, pasted (tests/test_readme.py checks)
+        print(markdown_table(runs), file=out)
+    else:
+        print(f"{'strategy':<26} {'mode':<9} {'reward':>7} {'rank corr.':>11}", file=out)
+        for r in runs:
+            print(f"{r.strategy:<26} {'argmax' if r.deterministic else 'sample':<9} "
+                  f"{r.reward:7.3f} {r.rank_correlation:11.3f}", file=out)
     if json_path:
         payload: dict[str, Any] = {
             "swarm": {"names": swarm.names, "kinds": swarm.kinds,
