@@ -163,7 +163,7 @@ class Strategy:
 
 
 def _sum_models(v: np.ndarray) -> np.ndarray:
-    """(W, M, B, A) float32 -> (W, B, A) float32, each column added in model order.
+    """(W, M, B, A) -> (W, B, A) of the same dtype, each column added in model order.
 
     An explicit loop over the models: every column then goes through the same elementwise
     additions, which no reduction strategy of numpy or torch promises. float32, as the
@@ -209,7 +209,9 @@ class BoltzmannMultiplication(Strategy):
 
     def support(self, x: torch.Tensor, probs: torch.Tensor, w: torch.Tensor | None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        xs = x if w is None else x * w[:, :, None, None]
+        # float64: the sum of saturated logits (+-3.4e38, a float64 model's mask) times
+        # weights must not overflow to infinities, whose difference is NaN.
+        xs = x.double() if w is None else x.double() * w.double()[:, :, None, None]
         return _weighted(probs, w), xs
 
 

@@ -12,7 +12,8 @@ REASONS: tuple[str, ...] = (
     "missing_field",    # LOGITS or COMPONENT_ID absent
     "bad_component_id",  # COMPONENT_ID neither a string nor a number, or empty
     "bad_logits",       # LOGITS not a non-empty list of numbers (or of equal rows); null
-    "non_finite",       # a logit beyond float32 range (JSON itself has no NaN or inf)
+    "non_finite",       # NaN or infinity in binary float32 logits (JSON has neither;
+                        # finite JSON numbers past float32's range saturate to it)
     "bad_deterministic",  # DETERMINISTIC present but not a boolean
     "bad_key",          # a step-key field absent or not a string/integer
     "shape",            # batch or action count differs from the window's first message

@@ -38,7 +38,7 @@ SMALL_ROW = 256  # longer rows are checked in numpy, where that is cheaper than 
 def _convert_rows(raw: list[Any], sender: str, max_actions: int, max_batch: int) -> np.ndarray:
     """LOGITS as float32 (B, A): the general path (batches, long rows)."""
     try:
-        with np.errstate(over="ignore", invalid="ignore"):  # past float32: inf, refused below
+        with np.errstate(over="ignore", invalid="ignore"):  # past float32: inf, saturated below
             arr = np.array(raw, dtype=np.float32)
     except (ValueError, TypeError, OverflowError):
         raise DecodeError("bad_logits", "LOGITS must hold numbers (rows of equal length)",
@@ -60,10 +60,13 @@ def _checked(arr: np.ndarray, sender: str, max_actions: int, max_batch: int,
         raise DecodeError("bad_logits", f"shape {b}x{a} over limits {max_batch}x{max_actions}",
                           sender)
     if not np.isfinite(arr).all():
-        if from_json and np.isnan(arr).any():  # orjson yields no NaN: it was a null
+        if not from_json:
+            raise DecodeError("non_finite", "NaN or infinity among the float32 values", sender)
+        if np.isnan(arr).any():  # orjson yields no NaN: it was a null
             raise DecodeError("bad_logits", "null among LOGITS", sender)
-        # Float32 is the seed's precision: a finite JSON value past 3.4e38 is infinite here.
-        raise DecodeError("non_finite", "NaN or logits beyond float32 range", sender)
+        # JSON has no infinity: these were finite numbers past float32's range (a float64
+        # model's mask, -1e308). They saturate, so a masked action gets probability 0.
+        np.clip(arr, -F32_MAX, F32_MAX, out=arr)
     return arr
 
 
@@ -155,8 +158,8 @@ def parse_logits(obj: dict[str, Any], key_fields: Sequence[str],
             in_range = -F32_MAX <= min(raw) and max(raw) <= F32_MAX
         except TypeError:
             raise DecodeError("bad_logits", "LOGITS must hold numbers", sender) from None
-        if not in_range:
-            raise DecodeError("non_finite", "logits beyond float32 range", sender)
+        if not in_range:  # finite (JSON has no infinity), past float32: saturate
+            raw = [min(max(v, -F32_MAX), F32_MAX) for v in raw]
         try:
             arr = np.array(raw, dtype=np.float32).reshape(1, n)
         except (ValueError, TypeError, OverflowError):

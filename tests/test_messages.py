@@ -11,7 +11,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from processor.errors import REASONS, DecodeError
-from processor.messages import command_of, decode_object, encode, parse_logits
+from processor.messages import (
+    command_of,
+    decode_binary,
+    decode_object,
+    encode,
+    encode_binary,
+    parse_logits,
+)
 
 LIMIT = 1 << 20
 
@@ -62,12 +69,13 @@ def test_step_key_and_propagated_fields():
     (b'{"LOGITS": [[[1, 2]]], "COMPONENT_ID": "a"}', "bad_logits"),
     (b'{"LOGITS": [1, null], "COMPONENT_ID": "a"}', "bad_logits"),
     (b'{"LOGITS": [[1, 2], [null, 3]], "COMPONENT_ID": "a"}', "bad_logits"),
-    (b'{"LOGITS": [[1, 2], [3.5e38, 3]], "COMPONENT_ID": "a"}', "non_finite"),
+    (b'{"LOGITS": [[1, 2], [3.5e38, 3]], "COMPONENT_ID": "a"}', "ok"),   # saturates
     (b'{"LOGITS": [1, 2, 3, true], "COMPONENT_ID": "a", "X": [' + b"1," * 300 + b'1]}',
      "ok"),
     (b'{"LOGITS": {"0": 1}, "COMPONENT_ID": "a"}', "bad_logits"),
-    (b'{"LOGITS": [1, 1e39], "COMPONENT_ID": "a"}', "non_finite"),     # inf in float32
-    (b'{"LOGITS": [1, -1e300], "COMPONENT_ID": "a"}', "non_finite"),
+    (b'{"LOGITS": [1, 1e39], "COMPONENT_ID": "a"}', "ok"),     # saturates to float32 max
+    (b'{"LOGITS": [1, -1e300], "COMPONENT_ID": "a"}', "ok"),
+    (b'{"LOGITS": [1, 1e400], "COMPONENT_ID": "a"}', "not_json"),  # infinite in float64
     (b'{"LOGITS": [1, 2], "COMPONENT_ID": "a", "DETERMINISTIC": "yes"}', "bad_deterministic"),
     (b'{"LOGITS": [1, 2], "COMPONENT_ID": "a", "DETERMINISTIC": 1}', "bad_deterministic"),
 ])
@@ -84,18 +92,42 @@ def test_both_paths_agree(n):
     short = parse(orjson.dumps({"LOGITS": row, "COMPONENT_ID": "a"}))
     batch = parse(orjson.dumps({"LOGITS": [row], "COMPONENT_ID": "a"}))
     assert short.logits.tobytes() == batch.logits.tobytes()
-    for bad, reason in ((3.5e38, "non_finite"), (None, "bad_logits"), ("x", "bad_logits"),
-                        ([1.0], "bad_logits")):
+    for bad, reason in ((None, "bad_logits"), ("x", "bad_logits"), ([1.0], "bad_logits")):
         for payload in ({"LOGITS": row + [bad], "COMPONENT_ID": "a"},
                         {"LOGITS": [row + [bad]], "COMPONENT_ID": "a"}):
             assert reason_of(orjson.dumps(payload)) == reason
 
 
-def test_nan_and_infinity_are_non_finite():
+def test_nan_and_infinity_literals_are_not_json():
     # JSON has no NaN; some encoders (Python's json) write it anyway, orjson refuses it.
     assert reason_of(b'{"LOGITS": [NaN, 1], "COMPONENT_ID": "a"}') == "not_json"
-    big = orjson.dumps({"LOGITS": [1.0, 3.5e38], "COMPONENT_ID": "a"})
-    assert reason_of(big) == "non_finite"
+    assert reason_of(b'{"LOGITS": [Infinity, 1], "COMPONENT_ID": "a"}') == "not_json"
+    assert reason_of(b'{"LOGITS": [-Infinity, 1], "COMPONENT_ID": "a"}') == "not_json"
+
+
+F32_MAX = float(np.finfo(np.float32).max)
+F64_MIN = float(np.finfo(np.float64).min)
+
+
+@pytest.mark.parametrize("n", [4, 300])  # the short-row and the general path
+@pytest.mark.parametrize("batched", [False, True])
+def test_finite_numbers_beyond_float32_saturate(n, batched):
+    row = [0.5] * n
+    row[1], row[2] = -1e308, F64_MIN       # a float64 model's masks
+    row[-1] = 1e300
+    got = parse(orjson.dumps({"LOGITS": [row] if batched else row, "COMPONENT_ID": "a"}))
+    assert got.logits.dtype == np.float32 and np.isfinite(got.logits).all()
+    assert got.logits[0, 1] == got.logits[0, 2] == -F32_MAX
+    assert got.logits[0, -1] == F32_MAX
+    assert got.logits[0, 0] == 0.5
+
+
+def test_binary_nan_and_infinity_are_non_finite():
+    for bad in (np.nan, np.inf, -np.inf):
+        meta, values = encode_binary({"COMPONENT_ID": "a"}, [1.0, bad])
+        with pytest.raises(DecodeError) as e:
+            parse_logits(decode_binary(meta, values, 1000), (), 100, 100)
+        assert e.value.reason == "non_finite"
 
 
 def test_step_key_must_be_present_and_scalar():

@@ -316,8 +316,7 @@ def junk(seq: int) -> list[tuple[str | None, dict[str, Any]]]:
         ("bad_component_id", {"LOGITS": ok, "COMPONENT_ID": True}),
         ("bad_component_id", {"LOGITS": ok, "COMPONENT_ID": {"id": 1}}),
         ("bad_component_id", {"LOGITS": ok, "COMPONENT_ID": ""}),
-        ("non_finite", {"LOGITS": [1e39] + ok[1:], "COMPONENT_ID": "junk"}),
-        ("bad_logits|non_finite", {"LOGITS": [None] + ok[1:], "COMPONENT_ID": "junk"}),
+        ("bad_logits", {"LOGITS": [None] + ok[1:], "COMPONENT_ID": "junk"}),
     ]
     return [(r, {**m, "SEQ": f"{seq}-{i}"}) for i, (r, m) in enumerate(out)]
 
@@ -393,12 +392,8 @@ def test_bad_logits_over_swergio_are_counted_and_valid_steps_still_answered():
                 assert msg["ACTION"] == [reference(sent[step])[0]], step
             reply = evo.get()
             assert worker.alive
-            either = expected.pop("bad_logits|non_finite")
             for reason, n in expected.items():
-                extra = either if reason in ("bad_logits", "non_finite") else 0
-                assert n <= worker.rejected(reason) <= n + extra, reason
-            assert worker.rejected("bad_logits") + worker.rejected("non_finite") == \
-                expected["bad_logits"] + expected["non_finite"] + either
+                assert worker.rejected(reason) == n, reason
             assert worker.transport.connects == 1  # bad messages are not bad frames
             assert worker.rejected("bad_frame") == 0
             closed = worker.metrics.registry.get_sample_value
