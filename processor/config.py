@@ -146,6 +146,10 @@ class LimitsConfig:
     max_message_bytes: int = 16 * 1024 * 1024
     max_actions: int = 100_000  # A, the action count of one logits row
     max_batch: int = 4096       # B, the environments of one batched message
+    # Distinct models the worker keeps state for (the models a window can miss, the
+    # ledger's models in a period, one window's models): memory stays bounded whatever
+    # ids peers invent. Beyond it the least recent model gives up its place.
+    max_models: int = 1024
 
 
 @dataclass(frozen=True)
@@ -387,6 +391,8 @@ def _validate(cfg: Config) -> None:
     need(cfg.limits.max_message_bytes > 0, "limits.max_message_bytes", "must be > 0")
     need(cfg.limits.max_actions > 0, "limits.max_actions", "must be > 0")
     need(cfg.limits.max_batch > 0, "limits.max_batch", "must be > 0")
+    need(cfg.limits.max_models >= max(1, cfg.expected_models()), "limits.max_models",
+         f"must be >= 1 and >= the models a window expects ({cfg.expected_models()})")
 
 
 def from_mapping(data: Mapping[str, Any]) -> Config:

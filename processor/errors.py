@@ -20,6 +20,7 @@ REASONS: tuple[str, ...] = (
     "duplicate",        # the same model twice in one window (lockstep: the newer replaces)
     "late",             # for a window that is already closed
     "unknown_model",    # not in the configured roster (window.model_ids)
+    "too_many_models",  # models = 0: a window that already holds limits.max_models models
     "bad_command",      # an evolution message that could not be read
 )
 

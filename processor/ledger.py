@@ -20,39 +20,80 @@ REMEMBERED_REQUESTS = 64
 
 
 class Ledger:
-    def __init__(self) -> None:
+    """The sums of one period, for at most `max_models` models at a time.
+
+    Memory stays bounded whatever ids peers invent: past `max_models` models in a period,
+    the model credited least recently gives up its slot, and what it had gathered moves
+    to the period's OVERFLOW (so CONTRIBUTION plus OVERFLOW still sum to STEPS). Models
+    that take part in every window are never the least recent, so only ids seen once or
+    rarely are folded. MISSED, likewise, names at most `max_models` models.
+    """
+
+    def __init__(self, max_models: int = 1024) -> None:
+        self.max_models = max_models
         self.epoch = 0
         self._answered: OrderedDict[str, dict[str, Any]] = OrderedDict()
-        # Models get an index on first sight; the sums are arrays over those indices, so a
-        # burst of windows is booked with a few bincounts instead of a loop per model.
-        self._index: dict[str, int] = {}
-        self.names: list[str] = []
+        # Models get a slot on first sight; the sums are arrays over slots, so a burst of
+        # windows is booked with a few bincounts instead of a loop per model. Slot 0 holds
+        # the overflow; the index is in order of last use (least recent first).
+        self._index: OrderedDict[str, int] = OrderedDict()
+        self._size = 1                     # slots in use, overflow included
+        self._slot_name: dict[int, str] = {}
         self._credit = np.zeros(64)
         self._taken = np.zeros(64, dtype=np.int64)   # environment steps taken part in
         self._agreed = np.zeros(64, dtype=np.int64)
         self.steps = 0                     # environment steps decided in this period
         self.missed: dict[str, int] = {}
+        self.folded = 0                    # times a model's sums went to the overflow
+
+    @property
+    def names(self) -> list[str]:
+        """The models that hold a slot now."""
+        return list(self._index)
 
     def _ids(self, windows: Iterable[Iterable[str]]) -> np.ndarray:
         index = self._index
+        touch = index.move_to_end
         out = []
+        burst: set[int] = set()   # slots booked in this burst: never given up within it
         for models in windows:
             for m in models:
                 i = index.get(m)
                 if i is None:
-                    i = index[m] = len(self.names)
-                    self.names.append(m)
+                    i = self._slot(burst)
+                    if i:
+                        index[m] = i
+                        self._slot_name[i] = m
+                else:
+                    touch(m)
+                burst.add(i)
                 out.append(i)
-        n = len(self.names)
-        if n > len(self._credit):
-            grow = max(n, 2 * len(self._credit))
-            self._credit = np.resize(self._credit, grow)
-            self._taken = np.resize(self._taken, grow)
-            self._agreed = np.resize(self._agreed, grow)
-            self._credit[n:] = 0
-            self._taken[n:] = 0
-            self._agreed[n:] = 0
         return np.array(out, dtype=np.intp)
+
+    def _slot(self, burst: set[int]) -> int:
+        """A slot for a new model: a new one, or the least recent model's; 0 = overflow."""
+        if len(self._index) < self.max_models:
+            i = self._size
+            self._size += 1
+            if i >= len(self._credit):
+                grow = 2 * len(self._credit)
+                self._credit = np.resize(self._credit, grow)
+                self._taken = np.resize(self._taken, grow)
+                self._agreed = np.resize(self._agreed, grow)
+                self._credit[i:] = 0
+                self._taken[i:] = 0
+                self._agreed[i:] = 0
+            return i
+        oldest, i = next(iter(self._index.items()))
+        if i in burst:
+            self.folded += 1
+            return 0  # more distinct models in one burst than slots
+        del self._index[oldest]
+        for a in (self._credit, self._taken, self._agreed):
+            a[0] += a[i]
+            a[i] = 0
+        self.folded += 1
+        return i
 
     def add_many(self, windows: Sequence[Sequence[str]], credit: np.ndarray,
                  agree: np.ndarray | None = None) -> list[tuple[str, float, int, int]]:
@@ -63,7 +104,7 @@ class Ledger:
         """
         w, _, b = credit.shape
         ids = self._ids(windows)
-        n = len(self.names)
+        n = self._size
         per = np.bincount(ids, weights=credit.sum(axis=-1, dtype=np.float64).ravel(),
                           minlength=n)
         self._credit[:n] += per
@@ -75,9 +116,22 @@ class Ledger:
                                  minlength=n).astype(np.int64)
             self._agreed[:n] += agreed
         self.steps += w * b
-        names = self.names
-        return [(names[i], float(per[i]), int(taken[i]), int(agreed[i]))
-                for i in np.flatnonzero(taken).tolist()]
+        slot_name = self._slot_name
+        out = [(slot_name[i], float(per[i]), int(taken[i]), int(agreed[i]))
+               for i in np.flatnonzero(taken).tolist() if i]
+        if taken[0]:
+            # The overflow slot holds several models: their own sums, one by one (rare).
+            c = credit.sum(axis=-1, dtype=np.float64).ravel()
+            g = agree.sum(axis=-1).ravel() if agree is not None else np.zeros(len(ids))
+            names = [x for models in windows for x in models]
+            sums: dict[str, list[float]] = {}
+            for k in np.flatnonzero(ids == 0).tolist():
+                e = sums.setdefault(names[k], [0.0, 0, 0])
+                e[0] += float(c[k])
+                e[1] += b
+                e[2] += int(g[k])
+            out += [(name, v[0], int(v[1]), int(v[2])) for name, v in sums.items()]
+        return out
 
     def add(self, models: Sequence[str], credit: np.ndarray,
             agree: np.ndarray | None = None) -> None:
@@ -87,28 +141,33 @@ class Ledger:
         self.add_many([models], c, a)
 
     def miss(self, models: Iterable[str]) -> None:
-        """Count one missed window for each of these models."""
+        """Count one missed window for each of these models (at most max_models named)."""
         missed = self.missed
         for m in models:
-            missed[m] = missed.get(m, 0) + 1
-
-    def _present(self) -> list[int]:
-        return np.flatnonzero(self._taken[:len(self.names)]).tolist()
+            n = missed.get(m)
+            if n is not None:
+                missed[m] = n + 1
+            elif len(missed) < self.max_models:
+                missed[m] = 1
 
     def peek(self) -> dict[str, float]:
-        return {self.names[i]: float(self._credit[i]) for i in self._present()}
+        return {name: float(self._credit[i]) for name, i in self._index.items()
+                if self._taken[i]}
 
     def report(self, strategy: str = "") -> dict[str, Any]:
         """The period so far, as the evolution reply carries it."""
-        present = self._present()
-        names = self.names
+        present = [(name, i) for name, i in self._index.items() if self._taken[i]]
         out: dict[str, Any] = {
-            "CONTRIBUTION": {names[i]: float(self._credit[i]) for i in present},
-            "AGREEMENT": {names[i]: float(self._agreed[i] / self._taken[i]) for i in present},
+            "CONTRIBUTION": {name: float(self._credit[i]) for name, i in present},
+            "AGREEMENT": {name: float(self._agreed[i] / self._taken[i]) for name, i in present},
             "MISSED": dict(self.missed),
             "STEPS": self.steps,
             "EPOCH": self.epoch,
         }
+        if self._taken[0]:
+            # Models that gave up their slot (more than max_models in the period).
+            out["OVERFLOW"] = {"CONTRIBUTION": float(self._credit[0]),
+                               "STEPS": int(self._taken[0]), "MODELS": self.folded}
         if strategy:
             out["STRATEGY"] = strategy
         return out
@@ -118,8 +177,12 @@ class Ledger:
         self._credit[:] = 0
         self._taken[:] = 0
         self._agreed[:] = 0
+        self._index.clear()   # every period starts empty: ids of the past hold no memory
+        self._slot_name.clear()
+        self._size = 1
         self.steps = 0
         self.missed = {}
+        self.folded = 0
         self.epoch += 1
 
     def take(self, request_id: str | None = None, strategy: str = "") -> dict[str, Any]:

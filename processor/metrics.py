@@ -5,7 +5,7 @@ Names follow Prometheus' rules: base units (`_seconds`), counters end in `_total
 are closed: rejection reasons come from `errors.REASONS`, window outcomes from
 `window.OUTCOMES`, and model labels are capped at `metrics.max_models` (later models are
 summed under `model="other"`, and each such model is counted once in
-`swarm_aggregator_model_label_overflow_total`).
+`swarm_aggregator_model_label_overflow_total` while it is among the last 65,536 of them).
 
 Cost on the hot path: the per-message and per-model counters (messages received, each
 model's contribution) are plain float additions into a dict, turned into counter samples
@@ -15,6 +15,7 @@ only when /metrics is scraped; every other child is bound to its labels once, he
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from socketserver import ThreadingMixIn
 from typing import Any
@@ -36,8 +37,8 @@ AGGREGATION_BUCKETS = (1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-
                        5e-3, 1e-2, 0.05, 0.1)
 COMMANDS = ("GET", "other")
 OTHER = "other"
-# Names of models folded into "other" that are remembered (so each is counted once); past
-# this many, a peer inventing ids cannot grow memory, and further new ids count again.
+# Models under "other" remembered, most recent last (so each is counted once while it is
+# remembered); past this many, the least recent is forgotten: memory stays bounded.
 OVERFLOW_MEMORY = 65536
 
 
@@ -160,8 +161,9 @@ class Metrics:
         self._observe_last = self._latency_last.observe
         self._actions_inc = self.actions.inc
         self._decisions_inc = self.decisions.inc
-        self._labels: dict[str, str] = {}   # model id -> its label (itself or "other")
-        self._named = 0                     # models that have a label of their own
+        self._labels: dict[str, str] = {}   # model id -> its own label (max_models at most)
+        self._named = 0
+        self._overflow: OrderedDict[str, None] = OrderedDict()  # under "other", recent last
         for k in REASONS:
             self._rejected[k].inc(0)
         for k in OUTCOMES:
@@ -189,44 +191,45 @@ class Metrics:
                steps: Iterable[int] | None = None, agreed: Iterable[int] | None = None
                ) -> None:
         """Book models' credit (and, when given, steps taken part in and agreements)."""
-        labels = self._labels
-        values = self.contribution.values
-        models = list(models)
-        for m, c in zip(models, credits):
-            label = labels.get(m)
-            if label is None:
-                label = self._label_for(m)
-            values[label] += c
-        for family, counts in ((self.model_steps, steps), (self.agreement, agreed)):
+        label_of = self._label_of
+        labels = [label_of(m) for m in models]
+        for family, counts in ((self.contribution, credits), (self.model_steps, steps),
+                               (self.agreement, agreed)):
             if counts is not None:
                 v = family.values
-                for m, n in zip(models, counts):
-                    label = labels[m]
+                for label, n in zip(labels, counts):
                     v[label] = v.get(label, 0.0) + n
 
     def missed(self, models: Iterable[str]) -> None:
-        labels = self._labels
+        label_of = self._label_of
         v = self.missed_windows.values
         for m in models:
-            label = labels.get(m)
-            if label is None:
-                label = self._label_for(m)
+            label = label_of(m)
             v[label] = v.get(label, 0.0) + 1
 
-    def _label_for(self, model: str) -> str:
-        values = self.contribution.values
+    def _label_of(self, model: str) -> str:
+        """The label of a model: its own while fewer than max_models have one, else other.
+
+        Models under "other" are remembered in order of last use, at most OVERFLOW_MEMORY
+        of them: a model in every window stays remembered (a dict lookup, counted once in
+        model_label_overflow_total); ids a peer invents push out only each other.
+        """
+        label = self._labels.get(model)
+        if label is not None:
+            return label
+        overflow = self._overflow
+        if model in overflow:
+            overflow.move_to_end(model)
+            return OTHER
         if self._named < self.max_models:
             self._named += 1
-            label = model
-        else:
-            self.model_overflow.inc()
-            label = OTHER
-            if len(self._labels) >= self.max_models + OVERFLOW_MEMORY:
-                values.setdefault(OTHER, 0.0)
-                return OTHER  # not remembered: memory stays bounded
-        values.setdefault(label, 0.0)
-        self._labels[model] = label
-        return label
+            self._labels[model] = model
+            return model
+        self.model_overflow.inc()
+        overflow[model] = None
+        if len(overflow) > OVERFLOW_MEMORY:
+            overflow.popitem(last=False)
+        return OTHER
 
 
 class _Server(ThreadingMixIn, WSGIServer):

@@ -61,7 +61,7 @@ class Windows:
     """The open windows, and the rules that close them."""
 
     def __init__(self, cfg: WindowConfig, min_models: int | None = None,
-                 start: float = 0.0) -> None:
+                 start: float = 0.0, max_models: int = 1024) -> None:
         self.cfg = cfg
         self.roster = frozenset(cfg.model_ids)
         self.expected = len(self.roster) or cfg.models
@@ -73,7 +73,9 @@ class Windows:
         self.replaced = 0  # lockstep repeats that replaced a model's earlier logits
         # models = 0: recent membership
         self.start = start
-        self.last_seen: dict[str, float] = {}
+        # models = 0: when each model was last seen, least recent first, at most max_models
+        self.last_seen: OrderedDict[str, float] = OrderedDict()
+        self.max_models = max_models
         self._active: frozenset[str] = frozenset()
         self._active_at = float("-inf")
 
@@ -89,7 +91,8 @@ class Windows:
     def add(self, msg: Logits, now: float) -> list[Closed]:
         """Add one model's logits; returns the windows this closes (complete or evicted).
 
-        Raises RejectedError (unknown_model, late, duplicate, shape); the window goes on.
+        Raises RejectedError (unknown_model, late, duplicate, shape, too_many_models); the
+        window goes on.
         """
         if self.roster and msg.model not in self.roster:
             raise RejectedError("unknown_model", "not in window.model_ids", msg.model)
@@ -119,6 +122,10 @@ class Windows:
         elif msg.logits.shape != win.shape:
             raise RejectedError("shape", f"shape {msg.logits.shape} in a window of {win.shape}",
                                 msg.model)
+        elif len(win.models) >= self.max_models:
+            # Only with models = 0 can a window grow past the models it expects.
+            raise RejectedError("too_many_models", f"window {key!r} already has "
+                                f"{len(win.models)} models (limits.max_models)", msg.model)
         win.models[msg.model] = msg.logits
         if msg.token is not None:
             if win.tokens is None:
@@ -130,7 +137,11 @@ class Windows:
         if self.expected:
             done = len(win.models) >= self.expected
         else:
-            self.last_seen[msg.model] = now
+            seen = self.last_seen
+            seen[msg.model] = now
+            seen.move_to_end(msg.model)
+            if len(seen) > self.max_models:
+                seen.popitem(last=False)
             done = now - self.start >= self.cfg.recent_s and self._covers(win, now)
         if done:
             del self.open[key]
@@ -170,8 +181,9 @@ class Windows:
     def _covers(self, win: Window, now: float) -> bool:
         if now - self._active_at > self.cfg.recent_s / 100:
             horizon = now - self.cfg.recent_s
-            for m in [m for m, t in self.last_seen.items() if t < horizon]:
-                del self.last_seen[m]
+            seen = self.last_seen
+            while seen and next(iter(seen.values())) < horizon:  # least recent first
+                seen.popitem(last=False)
             self._active = frozenset(self.last_seen)
             self._active_at = now
         return all(m in win.models for m in self._active)

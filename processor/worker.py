@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -68,12 +69,17 @@ class Worker:
         self.transport = transport
         self.metrics = metrics or Metrics(max_models=cfg.metrics.max_models)
         self.clock = clock
-        self.windows = Windows(cfg.window, start=clock())
+        self.windows = Windows(cfg.window, start=clock(), max_models=cfg.limits.max_models)
         a = cfg.aggregate
         self.strategy = create_strategy(a.strategy, a.seed, a.temperature)
         self.weights: dict[str, float] = dict(a.weights)
-        self.ledger = Ledger()
-        self.known: set[str] = set(cfg.window.model_ids)  # models a window can miss
+        self.ledger = Ledger(cfg.limits.max_models)
+        # The models a window can miss: the roster, or the models of the latest windows,
+        # least recent first: as many as a window expects (window.models), or, with
+        # models = 0, at most limits.max_models. Ids a peer invents cannot grow it, and a
+        # closed window costs the same however many ids were ever seen.
+        self.known: OrderedDict[str, None] = OrderedDict.fromkeys(cfg.window.model_ids)
+        self.max_known = cfg.expected_models() or cfg.limits.max_models
         self.rejects = RateLimitedLog(cfg.log.rate_limit_s, clock)
         self.key_fields = tuple(cfg.window.key)
         self.default_det = cfg.aggregate.deterministic
@@ -172,9 +178,16 @@ class Worker:
                 tokens += c.window.tokens
             models = c.window.models
             if not roster:
-                known.update(models)
+                touch = known.move_to_end
+                for m in models:
+                    if m in known:
+                        touch(m)
+                    else:
+                        known[m] = None
+                while len(known) > self.max_known:
+                    known.popitem(last=False)
             if len(models) < len(known):
-                missing = [m for m in known if m not in models]
+                missing = known.keys() - models.keys()
                 self.ledger.miss(missing)
                 self.metrics.missed(missing)
             if c.publish:

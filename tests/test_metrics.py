@@ -62,33 +62,55 @@ def test_closed_label_sets_are_exported_before_any_traffic():
 def test_model_labels_are_capped_and_the_overflow_is_counted_once_per_model():
     m = fresh(max_models=2)
     for _ in range(3):
-        m.credit(["a", "b", "c", "d"], [0.4, 0.3, 0.2, 0.1])
+        # as the worker calls it: credit, steps taken part in, agreements
+        m.credit(["a", "b", "c", "d"], [0.4, 0.3, 0.2, 0.1], [1, 1, 1, 1], [1, 0, 0, 0])
     get = m.registry.get_sample_value
     assert get("swarm_aggregator_contribution_total", {"model": "a"}) == pytest.approx(1.2)
     assert get("swarm_aggregator_contribution_total", {"model": "b"}) == pytest.approx(0.9)
     assert get("swarm_aggregator_contribution_total", {"model": "other"}) == pytest.approx(0.9)
     assert get("swarm_aggregator_contribution_total", {"model": "c"}) is None
+    assert get("swarm_aggregator_model_steps_total", {"model": "other"}) == 6
+    assert get("swarm_aggregator_agreement_total", {"model": "a"}) == 3
     assert get("swarm_aggregator_model_label_overflow_total") == 2
     assert get("swarm_aggregator_model_label_limit") == 2
 
 
 def test_every_model_goes_to_other_with_a_limit_of_zero():
     m = fresh(max_models=0)
-    m.credit(["a", "b"], [0.5, 0.5])
+    m.credit(["a", "b"], [0.5, 0.5], [1, 1], [1, 0])
     get = m.registry.get_sample_value
     assert get("swarm_aggregator_contribution_total", {"model": "other"}) == 1.0
     assert get("swarm_aggregator_model_label_overflow_total") == 2
 
 
 def test_a_peer_inventing_model_ids_cannot_grow_memory(monkeypatch):
+    """Past the label memory, credit with steps and agreements (the worker's call) goes on,
+    and every model under "other" is counted once however often it comes back."""
     monkeypatch.setattr(metrics_mod, "OVERFLOW_MEMORY", 10)
     m = fresh(max_models=3)
     for i in range(1000):
-        m.credit([f"m{i}"], [1.0])
-    assert len(m._labels) <= 3 + 10
+        m.credit([f"m{i}", "regular"], [0.5, 0.5], [1, 1], [1, 0])
+        m.missed([f"gone{i}", "regular"])
+    assert len(m._labels) <= 3 and len(m._overflow) <= 10
     values = m.contribution.values
-    assert set(values) == {"m0", "m1", "m2", "other"}
+    assert set(values) == {"m0", "regular", "other"}
     assert sum(values.values()) == pytest.approx(1000)
+    get = m.registry.get_sample_value
+    assert get("swarm_aggregator_model_steps_total", {"model": "other"}) == 999
+    assert get("swarm_aggregator_agreement_total", {"model": "other"}) == 999
+    assert get("swarm_aggregator_missed_windows_total", {"model": "regular"}) == 1000
+    # 999 invented ids and 999 "gone" ids past the three labels, each once
+    assert get("swarm_aggregator_model_label_overflow_total") == 999 + 999
+
+
+def test_a_model_under_other_in_every_window_is_counted_once(monkeypatch):
+    monkeypatch.setattr(metrics_mod, "OVERFLOW_MEMORY", 10)
+    m = fresh(max_models=1)
+    for i in range(1000):
+        m.credit(["first", f"m{i}", "regular"], [0.3, 0.3, 0.4], [1, 1, 1], [0, 0, 1])
+    get = m.registry.get_sample_value
+    assert get("swarm_aggregator_model_label_overflow_total") == 1000 + 1
+    assert get("swarm_aggregator_agreement_total", {"model": "other"}) == 1000
 
 
 def test_latency_buckets_resolve_tens_of_microseconds_to_seconds():
@@ -108,27 +130,23 @@ def test_latency_buckets_resolve_tens_of_microseconds_to_seconds():
     assert get(b, {"since": "last", "le": "2.5e-05"}) == 1
 
 
-def test_the_hot_path_is_cheap():
+def test_what_the_worker_records_for_a_window_adds_up():
+    # (Its cost is measured in bench/, not asserted here.)
     m = fresh()
     models = [f"model-{i:02d}" for i in range(20)]
     credit = [0.05] * 20
-    n = 5000
-    best = math.inf
-    for _ in range(3):  # the best of three: a busy machine slows a round, not the code
-        t0 = time.perf_counter()
-        for _ in range(n):
-            for _ in range(20):
-                m.receive("logits")
-            m.closed("complete")
-            m.published(1e-3, 5e-4, 1)
-            m.credit(models, credit)
-        best = min(best, (time.perf_counter() - t0) / n)
-    # Everything the worker records for one window of 20 models; about 8 µs here.
-    assert best < 40e-6, f"{best * 1e6:.1f} µs per window"
+    n = 500
+    for _ in range(n):
+        for _ in range(20):
+            m.receive("logits")
+        m.closed("complete")
+        m.published(1e-3, 5e-4, 1)
+        m.credit(models, credit, [1] * 20, [0] * 20)
     get = m.registry.get_sample_value
-    assert get("swarm_aggregator_messages_received_total", {"topic": "logits"}) == 3 * n * 20
+    assert get("swarm_aggregator_messages_received_total", {"topic": "logits"}) == n * 20
     assert get("swarm_aggregator_contribution_total",
-               {"model": "model-00"}) == pytest.approx(3 * n * 0.05)
+               {"model": "model-00"}) == pytest.approx(n * 0.05)
+    assert get("swarm_aggregator_model_steps_total", {"model": "model-19"}) == n
 
 
 def test_scraping_while_the_loop_credits_new_models_is_safe():
@@ -148,7 +166,7 @@ def test_scraping_while_the_loop_credits_new_models_is_safe():
     t.start()
     try:
         for i in range(20000):
-            m.credit([f"m{i % 700}"], [1.0])
+            m.credit([f"m{i % 700}"], [1.0], [1], [1])
             m.receive(f"topic{i % 3}")
     finally:
         stop.set()
