@@ -21,6 +21,8 @@ Config: a TOML file (-c) and/or environment variables SWARM_AGG__SECTION__KEY, f
 Without either, the defaults apply: ZeroMQ, SUB bound on tcp://127.0.0.1:5555 (logits and
 evolution in), PUB bound on tcp://127.0.0.1:5556 (actions and replies out), 20 models per
 window, lockstep, 5 s deadline, metrics on http://127.0.0.1:9464/metrics.
+Transports (transport.kind): zmq (default), swergio, nats (NATS JetStream: several workers,
+see 'swarm-aggregator nats --help' for its helpers), memory (in-process).
 """
 
 
@@ -167,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="swarm-aggregator",
         description="Aggregates the action logits of a swarm of RL policies into one action "
-                    "per environment step, over swergio, ZeroMQ or an in-process bus.",
+                    "per environment step, over swergio, ZeroMQ, NATS JetStream (several "
+                    "workers) or an in-process bus.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
