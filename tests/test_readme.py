@@ -456,6 +456,52 @@ def test_help_names_every_transport(sh):
     assert "NATS JetStream" in out
 
 
+def help_of(argv: list[str]) -> str:
+    """What `swarm-aggregator ARGV --help` prints, from the command's own parser."""
+    import io
+    from contextlib import redirect_stdout
+
+    from processor.cli import build_parser
+
+    out = io.StringIO()
+    with redirect_stdout(out), contextlib.suppress(SystemExit):
+        build_parser().parse_args([*argv, "--help"])
+    return out.getvalue()
+
+
+def test_inline_commands_parse_and_keys_writes_its_pair(sh):
+    """The commands in the text, `swarm-aggregator ...`: each parses with the command's own
+    parser; a synopsis (`[--flag X]`, `{a,b}`) names only options and subcommands that
+    exist. The Security section's `keys` line runs and writes the two files it names."""
+    import shlex
+
+    from processor.cli import build_parser
+
+    spans = [" ".join(c.split()) for c in re.findall(r"`(swarm-aggregator [^`]+)`",
+                                                     README.read_text())]
+    nats_help = sh.ok("swarm-aggregator nats --help")
+    choices = re.search(r"\{([a-z,]+)\}", nats_help)
+    assert choices, nats_help
+    for cmd in spans:
+        argv = shlex.split(cmd.replace("[", " ").replace("]", " "))[1:]
+        if argv[0] == "nats":
+            assert set(argv[1].strip("{}").split(",")) <= set(choices.group(1).split(",")), cmd
+        elif "[" in cmd:  # a synopsis of the command-line table
+            text = help_of(argv[:1])
+            for flag in re.findall(r"--[\w-]+", cmd):
+                assert flag in text, f"{cmd}: {argv[0]} has no {flag}"
+        else:
+            try:
+                build_parser().parse_args(argv)
+            except SystemExit as e:
+                pytest.fail(f"the README's `{cmd}` does not parse (exit {e.code})")
+    keys = next(c for c in spans if c.startswith("swarm-aggregator keys --dir"))
+    sh.ok(keys)
+    args = build_parser().parse_args(shlex.split(keys)[1:])
+    folder = sh.work / args.dir
+    assert {p.name for p in folder.iterdir()} == {f"{args.name}.key", f"{args.name}.key_secret"}
+
+
 def test_nats_diagram_names_the_default_streams():
     from processor.config import NatsConfig
 
