@@ -211,20 +211,33 @@ class Served:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
+    def _exited(self, timeout: float) -> bool:
+        """Wait until the group's leader has exited, without reaping it."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            try:
+                if os.waitid(os.P_PID, self.proc.pid,
+                             os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+                    return True
+            except ChildProcessError:
+                return True
+            time.sleep(0.05)
+        return False
+
     def stop(self) -> int:
         """Ctrl-C, as a terminal sends it: SIGINT to the whole group; SIGKILL after 20 s."""
-        if self.proc.poll() is None:
+        if self.proc.returncode is None:
+            # Not reaped yet, so the group's id is still this process's: signals reach
+            # only what the block started.
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGINT)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
+            if not self._exited(20):
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        # Whatever it started in its group goes too (a block's own background jobs).
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
+                self._exited(10)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)  # what it left behind in its group
+        self.proc.wait()
         return self.proc.returncode
 
 
@@ -258,12 +271,11 @@ class Shell:
         try:
             out, err = proc.communicate(stdin, timeout=timeout)
         except subprocess.TimeoutExpired:
+            # Not reaped yet: the group is still the one this block started.
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             out, err = proc.communicate()
             pytest.fail(f"still running after {timeout} s: {text}\n{out[-2000:]}{err[-2000:]}")
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)  # nothing it started outlives it
         return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
     def ok(self, text: str, **kwargs: object) -> str:
