@@ -2,9 +2,12 @@
 
 Precedence, lowest first: the defaults below, the TOML file given with `-c`, then environment
 variables `SWARM_AGG__SECTION__KEY` (double underscores between levels, for example
-`SWARM_AGG__TRANSPORT__ZMQ__SUB=tcp://0.0.0.0:5555`). An environment value is read as a TOML
-value when it parses as one (`5`, `true`, `["ENV_ID","STEP"]`) and as a plain string otherwise.
+`SWARM_AGG__TRANSPORT__ZMQ__SUB=tcp://0.0.0.0:5555`). An environment value is converted by
+the declared type of its key: a string key takes the text as it is (a password `123456`
+stays a string), any other key reads it as a TOML value (`5`, `true`, `["ENV_ID","STEP"]`).
 Any unknown key, wrong type or out-of-range value raises `ConfigError` naming the key.
+Secrets (`password`, `token`) never appear in an error, a log line or a repr; a secret may
+be written as a number in the file (`password = 123456`), and is the number's text.
 """
 
 from __future__ import annotations
@@ -189,8 +192,36 @@ class Config:
                 f"strategy={self.aggregate.strategy}")
 
 
-def _convert(value: Any, tp: Any, key: str) -> Any:
+class EnvText(str):
+    """An environment variable's text: its key's declared type says how to read it."""
+
+
+def _from_env(value: EnvText, tp: Any, key: str, secret: bool) -> Any:
+    if tp is str:
+        return str(value)
+    try:
+        return tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        if secret:
+            raise ConfigError(key, "not a valid value (hidden: it is a secret)") from None
+        # A list of strings may be written bare: a,b,c
+        if typing.get_origin(tp) is list:
+            return [v.strip() for v in value.split(",") if v.strip()]
+        return str(value)
+
+
+def _convert(value: Any, tp: Any, key: str, secret: bool = False) -> Any:
     """Check (and lightly coerce) one leaf value against its annotated type."""
+    if isinstance(value, EnvText):
+        value = _from_env(value, tp, key, secret)
+    if secret:
+        # A number written for a password is its text; nothing else is shown.
+        if isinstance(value, int) and not isinstance(value, bool):
+            return str(value)
+        if isinstance(value, str):
+            return value
+        raise ConfigError(key, f"expected a string, got a {type(value).__name__} "
+                          "(hidden: it is a secret)")
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -249,7 +280,7 @@ def _build(cls: Any, data: Mapping[str, Any], prefix: str) -> Any:
                 raise ConfigError(key, "expected a table")
             kwargs[f.name] = _build(tp, value, f"{key}.")
         else:
-            kwargs[f.name] = _convert(value, tp, key)
+            kwargs[f.name] = _convert(value, tp, key, secret=not f.repr)
     return cls(**kwargs)
 
 
@@ -261,13 +292,6 @@ def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
         else:
             out[k] = v
     return out
-
-
-def _parse_env_value(raw: str) -> Any:
-    try:
-        return tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        return raw
 
 
 def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
@@ -284,8 +308,49 @@ def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ConfigError(".".join(parts), "set both as a value and as a table")
-        node[parts[-1]] = _parse_env_value(raw)
+        node[parts[-1]] = EnvText(raw)
     return tree
+
+
+def _port_problem(port: str, what: str, wildcard: bool) -> str | None:
+    if wildcard and port in ("*", "0"):
+        return None
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        return f"port {port!r} of {what} is not 1..65535"
+    return None
+
+
+def zmq_endpoint_problem(addr: str) -> str | None:
+    """Why `addr` is no ZeroMQ endpoint the worker can use, or None.
+
+    tcp://HOST:PORT (PORT 1..65535, or * or 0 for a random port when binding),
+    ipc://PATH, inproc://NAME.
+    """
+    scheme, sep, rest = addr.partition("://")
+    if not sep or not rest:
+        return f"not a ZeroMQ endpoint: {addr!r} (tcp://HOST:PORT, ipc://PATH or inproc://NAME)"
+    if scheme in ("ipc", "inproc"):
+        return None
+    if scheme != "tcp":
+        return f"unsupported transport {scheme!r} in {addr!r} (tcp, ipc or inproc)"
+    host, colon, port = rest.rpartition(":")
+    if not colon or not host:
+        return f"no HOST:PORT in {addr!r}"
+    return _port_problem(port, repr(addr), wildcard=True)
+
+
+def nats_url_problem(url: str) -> str | None:
+    """Why `url` is no NATS server URL, or None: nats://HOST[:PORT] (also tls, ws, wss)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in ("nats", "tls", "ws", "wss"):
+        return f"not a NATS URL: {url!r} (nats://HOST:PORT)"
+    hostport = rest.split("/", 1)[0]
+    host, colon, port = hostport.rpartition(":")
+    if not colon:
+        host, port = hostport, ""
+    if not host:
+        return f"no host in {url!r}"
+    return None if not port else _port_problem(port, repr(url), wildcard=False)
 
 
 def _validate(cfg: Config) -> None:
@@ -302,8 +367,8 @@ def _validate(cfg: Config) -> None:
     need(t.swergio.reconnect_max_s >= t.swergio.reconnect_min_s,
          "transport.swergio.reconnect_max_s", "must be >= reconnect_min_s")
     for k in ("sub", "pub"):
-        addr = getattr(t.zmq, k)
-        need("://" in addr, f"transport.zmq.{k}", f"not a ZeroMQ endpoint: {addr!r}")
+        problem = zmq_endpoint_problem(getattr(t.zmq, k))
+        need(problem is None, f"transport.zmq.{k}", problem or "")
     need(t.zmq.rcvhwm >= 0, "transport.zmq.rcvhwm", "must be >= 0")
     if t.zmq.curve_secret_file:
         need(bool(t.zmq.curve_clients_dir) or not (t.zmq.sub_bind or t.zmq.pub_bind),
@@ -324,10 +389,12 @@ def _validate(cfg: Config) -> None:
 
     need(bool(n.servers), "transport.nats.servers", "must name at least one server")
     for url in n.servers:
-        need("://" in url, "transport.nats.servers", f"not a NATS URL: {url!r}")
-        # Credentials in a URL would reach the start-up log line: they have keys of their own.
-        need("@" not in url.split("://", 1)[-1], "transport.nats.servers",
+        # Credentials in a URL would reach the start-up log line: they have keys of their
+        # own. Checked first, so that no message below can print them.
+        need("@" not in url, "transport.nats.servers",
              "must not carry credentials; use transport.nats.user/password or token")
+        problem = nats_url_problem(url)
+        need(problem is None, "transport.nats.servers", problem or "")
     need(n.partitions >= 1, "transport.nats.partitions", "must be >= 1")
     need(1 <= n.workers <= n.partitions, "transport.nats.workers",
          "must be 1..transport.nats.partitions")

@@ -26,7 +26,7 @@ from prometheus_client.exposition import make_wsgi_app
 from prometheus_client.metrics_core import CounterMetricFamily, Metric
 
 from . import __version__
-from .errors import REASONS
+from .errors import REASONS, ConfigError
 from .window import OUTCOMES
 
 PREFIX = "swarm_aggregator"
@@ -254,8 +254,13 @@ class MetricsServer:
         self.metrics = metrics
         self.ready = ready
         self._metrics_app = make_wsgi_app(metrics.registry)
-        self._httpd = make_server(host, port, self._app, server_class=_Server,
-                                  handler_class=_QuietHandler)
+        try:
+            self._httpd = make_server(host, port, self._app, server_class=_Server,
+                                      handler_class=_QuietHandler)
+        except OSError as e:
+            raise ConfigError("metrics.port", f"cannot listen on {host}:{port}: "
+                              f"{e.strerror or e} (another worker there? give each its "
+                              "own metrics.port, or 0 for none)") from None
         self.port = self._httpd.server_port
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="metrics",
                                         daemon=True)

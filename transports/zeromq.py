@@ -80,9 +80,9 @@ class ZmqTransport:
                 pub.close(0)
                 raise
         try:
-            self.sub_endpoint = _attach(sub, c.sub, c.sub_bind)
-            self.pub_endpoint = _attach(pub, c.pub, c.pub_bind)
-        except zmq.ZMQError:
+            self.sub_endpoint = _attach(sub, c.sub, c.sub_bind, "transport.zmq.sub")
+            self.pub_endpoint = _attach(pub, c.pub, c.pub_bind, "transport.zmq.pub")
+        except BaseException:
             sub.close(0)
             pub.close(0)
             raise
@@ -205,13 +205,20 @@ def generate_keys(folder: str, name: str) -> tuple[str, str]:
     return str(public), str(secret)
 
 
-def _attach(sock: zmq.Socket, endpoint: str, bind: bool) -> str:
-    if bind:
-        if endpoint.endswith((":0", ":*")):
-            base = endpoint.rsplit(":", 1)[0]
-            port = sock.bind_to_random_port(base)
-            return f"{base}:{port}"
-        sock.bind(endpoint)
-        return str(sock.getsockopt_string(zmq.LAST_ENDPOINT))
-    sock.connect(endpoint)
-    return endpoint
+def _attach(sock: zmq.Socket, endpoint: str, bind: bool, key: str) -> str:
+    """Bind or connect; an address that cannot be used is the config's fault (its key)."""
+    try:
+        if bind:
+            if endpoint.endswith((":0", ":*")):
+                base = endpoint.rsplit(":", 1)[0]
+                port = sock.bind_to_random_port(base)
+                return f"{base}:{port}"
+            sock.bind(endpoint)
+            return str(sock.getsockopt_string(zmq.LAST_ENDPOINT))
+        sock.connect(endpoint)
+        return endpoint
+    except zmq.ZMQError as e:
+        verb = "bind" if bind else "connect to"
+        hint = " (another worker there?)" if e.errno == zmq.EADDRINUSE else ""
+        raise ConfigError(key, f"cannot {verb} {endpoint}: {zmq.strerror(e.errno)}{hint}"
+                          ) from None
