@@ -15,6 +15,10 @@ import orjson
 
 from .errors import DecodeError
 
+# The evolution commands the worker answers: GET (report and reset: the seed's), PEEK
+# (report), RESET (reset, no reply), SET_MODEL_WEIGHTS (per-model weights of the rule).
+COMMANDS: tuple[str, ...] = ("GET", "PEEK", "RESET", "SET_MODEL_WEIGHTS")
+
 # Fields of the message that completes a window that swergio components copy into replies.
 PROPAGATED = ("ROOT_ID", "MODEL_STATUS")
 

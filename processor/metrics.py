@@ -27,6 +27,7 @@ from prometheus_client.metrics_core import CounterMetricFamily, Metric
 
 from . import __version__
 from .errors import REASONS, ConfigError
+from .messages import COMMANDS
 from .window import OUTCOMES
 
 PREFIX = "swarm_aggregator"
@@ -35,7 +36,6 @@ LATENCY_BUCKETS = (1e-5, 2.5e-5, 5e-5, 7.5e-5, 1e-4, 2.5e-4, 5e-4, 7.5e-4, 1e-3,
                    5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 AGGREGATION_BUCKETS = (1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3,
                        5e-3, 1e-2, 0.05, 0.1)
-COMMANDS = ("GET", "other")
 OTHER = "other"
 # Models under "other" remembered, most recent last (so each is counted once while it is
 # remembered); past this many, the least recent is forgotten: memory stays bounded.

@@ -23,6 +23,7 @@ from .config import Config
 from .errors import RejectedError
 from .ledger import Ledger
 from .messages import (
+    COMMANDS,
     component_id,
     decode_binary,
     decode_command,
@@ -36,9 +37,6 @@ from .window import Closed, Windows
 log = logging.getLogger("swarm_aggregator")
 
 IDLE_WAIT = 0.1  # longest receive wait, so a stop request is noticed promptly
-# Evolution commands: GET (report and reset: the seed's), PEEK (report), RESET (reset, no
-# reply), SET_MODEL_WEIGHTS (per-model weights of the aggregation rule, from MODEL_WEIGHTS).
-COMMANDS = frozenset({"GET", "PEEK", "RESET", "SET_MODEL_WEIGHTS"})
 
 
 class RateLimitedLog:
@@ -248,7 +246,7 @@ class Worker:
 
     async def _command(self, cmd: str, request: dict[str, Any]) -> None:
         """Answer one evolution command (see COMMANDS)."""
-        self.metrics.evolution.labels(cmd if cmd == "GET" else "other").inc()
+        self.metrics.evolution.labels(cmd).inc()
         rid = request.get("REQUEST_ID")
         rid = str(rid) if isinstance(rid, (str, int)) and not isinstance(rid, bool) else None
         name = self.strategy.name
