@@ -419,9 +419,9 @@ def test_metrics_table_has_every_metric_the_worker_exports():
     from prometheus_client import CollectorRegistry, generate_latest
     from prometheus_client.parser import text_string_to_metric_families
 
+    from processor.messages import COMMANDS
     from processor.metrics import Metrics
     from processor.window import OUTCOMES
-    from processor.messages import COMMANDS
 
     # A registry as the worker's, with one sample in every family, so each shows its labels.
     m = Metrics(CollectorRegistry(), max_models=1)
