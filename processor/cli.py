@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 from . import __version__
 from .config import Config, load
@@ -94,34 +97,101 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+@contextmanager
+def _stop_on_signals(on_stop: Callable[[], object]) -> Iterator[None]:
+    """Within the block, SIGINT (Ctrl-C) and SIGTERM call `on_stop`; a second one quits at once.
+
+    The default SIGINT handler raises KeyboardInterrupt wherever the main thread happens to
+    be (inside the event loop, a log call, a socket's close), which no code can stop from in
+    order; a flag that the command's loops poll can. `on_stop` runs in the main thread
+    between two bytecodes, so it must not take a lock that the main thread may hold: setting
+    a threading.Event that only other code polls (is_set) is safe. The second signal is the
+    way out of a stop that hangs: exit 128 + signal number at once, without cleanup.
+    """
+    stops = 0
+
+    def handler(signum: int, frame: object) -> None:
+        nonlocal stops
+        stops += 1
+        if stops > 1:
+            os.write(2, b"\nswarm-aggregator: interrupted again, quitting without cleanup\n")
+            os._exit(128 + signum)
+        on_stop()
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old if old is not None else signal.SIG_DFL)
+
+
 def cmd_proxy(args: argparse.Namespace) -> int:
     import zmq
 
-    _setup_logging("INFO")
-    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
-    xsub = ctx.socket(zmq.XSUB)
-    xpub = ctx.socket(zmq.XPUB)
-    xsub.bind(args.xsub)
-    xpub.bind(args.xpub)
-    log.info("proxy: publishers connect to %s, subscribers to %s",
-             xsub.getsockopt_string(zmq.LAST_ENDPOINT), xpub.getsockopt_string(zmq.LAST_ENDPOINT))
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop like Ctrl-C
-    try:
-        zmq.proxy(xsub, xpub)
-    except (KeyboardInterrupt, zmq.ContextTerminated):
-        pass
-    finally:
-        xsub.close(0)
-        xpub.close(0)
+    ctl: zmq.Socket[bytes] | None = None  # our end of the proxy's control pair, once connected
+    stopping = False
+
+    def stop() -> None:
+        # Runs in the main thread (see below), the only user of `ctl`. A TERMINATE sent
+        # before the proxy starts waits for it; `stopping` covers the time before `ctl`.
+        nonlocal stopping
+        stopping = True
+        if ctl is not None:
+            try:
+                ctl.send(b"TERMINATE", zmq.NOBLOCK)
+            except zmq.Again:
+                pass  # one TERMINATE already waits
+
+    with _stop_on_signals(stop):
+        _setup_logging("INFO")
+        ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+        xsub = ctx.socket(zmq.XSUB)
+        xpub = ctx.socket(zmq.XPUB)
+        control = ctx.socket(zmq.PAIR)
+        sender = ctx.socket(zmq.PAIR)
+        try:
+            xsub.bind(args.xsub)
+            xpub.bind(args.xpub)
+            address = f"inproc://proxy-control-{os.getpid()}"
+            control.bind(address)
+            sender.connect(address)  # inproc: connected once this returns
+            ctl = sender
+            log.info("proxy: publishers connect to %s, subscribers to %s",
+                     xsub.getsockopt_string(zmq.LAST_ENDPOINT),
+                     xpub.getsockopt_string(zmq.LAST_ENDPOINT))
+            # zmq_proxy is a C loop: a signal that lands between two of its polls is noted
+            # but its Python handler never runs, and the proxy never returns. So the proxy
+            # runs in a thread that blocks SIGINT and SIGTERM (created with them blocked,
+            # so none lands in it even at its start), and the signals reach this thread,
+            # whose join() lets handlers run.
+            blocked = {signal.SIGINT, signal.SIGTERM}
+            signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+            try:
+                forward = threading.Thread(target=zmq.proxy_steerable, name="zmq-proxy",
+                                           args=(xsub, xpub, None, control), daemon=True)
+                if not stopping:
+                    forward.start()
+            finally:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, blocked)
+            if forward.ident is not None:  # started
+                forward.join()
+        finally:
+            ctl = None
+            for sock in (xsub, xpub, control, sender):
+                sock.close(0)
+        log.info("proxy: stopped")
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    stop = threading.Event()
+    with _stop_on_signals(stop.set):
+        from .demo import run_demo
 
-    _setup_logging("WARNING")
-    return run_demo(models=args.models, actions=args.actions, steps=args.steps,
-                    batch=args.batch, seed=args.seed, quiet=args.quiet)
+        _setup_logging("WARNING")
+        return run_demo(models=args.models, actions=args.actions, steps=args.steps,
+                        batch=args.batch, seed=args.seed, quiet=args.quiet, stop=stop)
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
@@ -156,13 +226,16 @@ def cmd_top(args: argparse.Namespace) -> int:
 
 
 def cmd_loadgen(args: argparse.Namespace) -> int:
-    from .loadgen import run_loadgen
+    # SIGTERM too: as a container's first process, it would otherwise be ignored.
+    stop = threading.Event()
+    with _stop_on_signals(stop.set):
+        from .loadgen import run_loadgen
 
-    return run_loadgen(args.pub, args.sub, models=args.models, actions=args.actions,
-                       batch=args.batch, rate=args.rate, skip=args.skip,
-                       bad_rate=args.bad_rate, get_every=args.get_every, env_id=args.env_id,
-                       duration=args.duration, seed=args.seed, wait=args.wait,
-                       quiet=args.quiet)
+        return run_loadgen(args.pub, args.sub, models=args.models, actions=args.actions,
+                           batch=args.batch, rate=args.rate, skip=args.skip,
+                           bad_rate=args.bad_rate, get_every=args.get_every,
+                           env_id=args.env_id, duration=args.duration, seed=args.seed,
+                           wait=args.wait, quiet=args.quiet, stop=stop)
 
 
 def build_parser() -> argparse.ArgumentParser:

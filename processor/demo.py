@@ -26,9 +26,6 @@ import numpy as np
 import orjson
 import zmq
 
-from .config import from_mapping
-from .worker import Worker
-
 
 @dataclass
 class DemoResult:
@@ -70,28 +67,27 @@ def toy_logits(rng: np.random.Generator, skill: np.ndarray, target: np.ndarray,
 
 
 class Simulation:
-    """Models and environment, driven from a thread over synchronous ZeroMQ sockets."""
+    """Models and environment, driven from one thread over synchronous ZeroMQ sockets.
 
-    def __init__(self, sub_endpoint: str, pub_endpoint: str, models: int, actions: int,
-                 batch: int, steps: int, seed: int, out: TextIO | None) -> None:
-        self.ctx = zmq.Context()
-        self.pub = self.ctx.socket(zmq.PUB)       # to the worker's SUB
-        self.pub.connect(sub_endpoint)
-        self.sub = self.ctx.socket(zmq.SUB)       # from the worker's PUB
-        self.sub.connect(pub_endpoint)
-        self.sub.setsockopt(zmq.SUBSCRIBE, b"action")
-        self.sub.setsockopt(zmq.SUBSCRIBE, b"evolution")
+    `run()` creates, uses and closes its sockets in the calling thread: ZeroMQ sockets are
+    not thread-safe, and closing them from another thread while this one still polls them
+    is what made Ctrl-C end in "Socket operation on non-socket" or hang. `stop` ends the
+    steps; `run()` then still fetches the leaderboard (the worker must keep serving until
+    `run()` returns) and closes its sockets before returning.
+    """
+
+    pub: zmq.Socket[bytes]  # to the worker's SUB; exists while run() runs
+    sub: zmq.Socket[bytes]  # from the worker's PUB; exists while run() runs
+
+    def __init__(self, models: int, actions: int, batch: int, steps: int, seed: int,
+                 out: TextIO | None, stop: threading.Event | None = None) -> None:
         self.models, self.actions, self.batch, self.steps = models, actions, batch, steps
         self.rng = np.random.default_rng(seed + 1)
         self.skills = skills_for(models, seed)
         self.out = out
-        self.stop = threading.Event()
+        # Only polled with is_set() here, never waited on: a signal handler may set it.
+        self.stop = stop if stop is not None else threading.Event()
         self.result = DemoResult(skills=self.skills)
-
-    def close(self) -> None:
-        self.pub.close(0)
-        self.sub.close(0)
-        self.ctx.term()
 
     def _recv(self, topic: bytes, timeout_s: float) -> dict[str, Any] | None:
         end = time.monotonic() + timeout_s
@@ -117,11 +113,20 @@ class Simulation:
                 return True
         return False
 
-    def run(self) -> DemoResult:
+    def run(self, sub_endpoint: str, pub_endpoint: str) -> DemoResult:
+        """Handshake, steps until `steps` or `stop`, then the final GET; errors go in result."""
         res = self.result
+        ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self.pub = ctx.socket(zmq.PUB)
+        self.sub = ctx.socket(zmq.SUB)
         try:
+            self.pub.connect(sub_endpoint)
+            self.sub.connect(pub_endpoint)
+            self.sub.setsockopt(zmq.SUBSCRIBE, b"action")
+            self.sub.setsockopt(zmq.SUBSCRIBE, b"evolution")
             if not self.handshake():
-                res.error = "the worker did not answer on loopback"
+                if not self.stop.is_set():  # stopped before the first step: no failure
+                    res.error = "the worker did not answer on loopback"
                 return res
             self._loop(res)
             for _ in range(20):
@@ -131,6 +136,11 @@ class Simulation:
                     break
         except Exception as e:  # noqa: BLE001 - reported to the user, then the demo stops
             res.error = f"{type(e).__name__}: {e}"
+        finally:
+            # Nothing unsent matters now: linger 0, so term() cannot wait on a gone worker.
+            self.pub.close(0)
+            self.sub.close(0)
+            ctx.term()
         return res
 
     def _loop(self, res: DemoResult) -> None:
@@ -190,8 +200,13 @@ def leaderboard(res: DemoResult) -> str:
     return "\n".join(lines)
 
 
-async def _serve(sim_factory: Any, models: int) -> DemoResult:
+async def _serve(sim: Simulation, models: int) -> DemoResult:
+    # Imported here: loadgen and study use this module's toy world only, and the worker
+    # brings torch, seconds of start-up a load generator does not need.
     from transports.zeromq import ZmqTransport
+
+    from .config import from_mapping
+    from .worker import Worker
 
     cfg = from_mapping({
         "transport": {"kind": "zmq", "zmq": {"sub": "tcp://127.0.0.1:0",
@@ -203,23 +218,33 @@ async def _serve(sim_factory: Any, models: int) -> DemoResult:
     worker = Worker(cfg, transport)
     stop, started = asyncio.Event(), asyncio.Event()
     task = asyncio.create_task(worker.run(stop, started))
-    await started.wait()
-    sim: Simulation = sim_factory(transport.sub_endpoint, transport.pub_endpoint)
+    # A worker that fails to start never sets `started`: its error must not become a hang.
+    waiting = asyncio.create_task(started.wait())
+    await asyncio.wait([task, waiting], return_when=asyncio.FIRST_COMPLETED)
+    if not started.is_set():
+        waiting.cancel()
+        await task  # raises the worker's error
+        raise RuntimeError("the worker stopped before it started")
     loop = asyncio.get_running_loop()
+    simulation = loop.run_in_executor(None, sim.run, transport.sub_endpoint,
+                                      transport.pub_endpoint)
     try:
-        return await loop.run_in_executor(None, sim.run)
-    except asyncio.CancelledError:
-        sim.stop.set()
-        raise
+        # Shielded: a cancelled wait must not abandon a thread that still uses its sockets.
+        return await asyncio.shield(simulation)
     finally:
-        sim.stop.set()
+        # Order matters: the simulation first (its last GET needs the worker), the worker
+        # second. When not cancelled, the simulation is already done here.
+        if not simulation.done():
+            sim.stop.set()
+            await asyncio.wait([simulation])
         stop.set()
         await task
-        sim.close()
 
 
 def run_demo(models: int = 8, actions: int = 6, steps: int = 0, batch: int = 1, seed: int = 0,
-             quiet: bool = False, out: TextIO = sys.stdout) -> int:
+             quiet: bool = False, out: TextIO = sys.stdout,
+             stop: threading.Event | None = None) -> int:
+    """The `demo` command; setting `stop` (Ctrl-C in the command) ends it with the leaderboard."""
     for name, v in (("--models", models), ("--actions", actions), ("--batch", batch)):
         if v < 1:
             print(f"swarm-aggregator demo: {name} must be at least 1", file=sys.stderr)
@@ -229,20 +254,8 @@ def run_demo(models: int = 8, actions: int = 6, steps: int = 0, batch: int = 1, 
         return 2
     print(f"demo: {models} models, {actions} actions, batch {batch}, "
           f"{steps or 'unlimited'} steps over ZeroMQ on 127.0.0.1 (Ctrl-C stops)", file=out)
-    holder: dict[str, Simulation] = {}
-
-    def factory(sub: str, pub: str) -> Simulation:
-        holder["sim"] = Simulation(sub, pub, models, actions, batch, steps, seed,
-                                   None if quiet else out)
-        return holder["sim"]
-
-    try:
-        res = asyncio.run(_serve(factory, models))
-    except KeyboardInterrupt:
-        sim = holder.get("sim")
-        if sim is None:
-            return 130
-        res = sim.result
+    sim = Simulation(models, actions, batch, steps, seed, None if quiet else out, stop)
+    res = asyncio.run(_serve(sim, models))
     if res.error:
         print(f"demo failed: {res.error}", file=sys.stderr)
         return 1

@@ -15,7 +15,6 @@ its own, so several generators can share one proxy.
 
 from __future__ import annotations
 
-import signal
 import sys
 import threading
 import time
@@ -50,14 +49,16 @@ class LoadGenerator:
     """M simulated models and an environment; `run()` drives them from the calling thread.
 
     `silent` may be changed while running (from another thread): those models stop
-    sending, as a crashed model would. `stop` ends `run()`.
+    sending, as a crashed model would. `stop` ends `handshake()` and `run()`; it is only
+    polled, never waited on, so a signal handler may set it.
     """
 
     def __init__(self, pub: str, sub: str, models: int = 8, actions: int = 6,
                  batch: int = 1, rate: float = 100.0, skip: float = 0.0,
                  bad_rate: float = 0.0, get_every: float = 0.0, env_id: str = "env-0",
                  seed: int = 0, out: TextIO | None = None, report_every: float = 5.0,
-                 context: zmq.Context | None = None) -> None:
+                 context: zmq.Context | None = None,
+                 stop: threading.Event | None = None) -> None:
         self.ctx = context or zmq.Context.instance()
         self.pub = self.ctx.socket(zmq.PUB)
         self.pub.setsockopt(zmq.LINGER, 0)
@@ -77,7 +78,7 @@ class LoadGenerator:
         self.silent: set[str] = set()
         self.out = out
         self.report_every = report_every
-        self.stop = threading.Event()
+        self.stop = stop if stop is not None else threading.Event()
         self.stats = LoadStats()
         self._pending: OrderedDict[int, tuple[float, np.ndarray]] = OrderedDict()
         self._bad_kind = 0
@@ -277,8 +278,12 @@ def run_loadgen(pub: str, sub: str, models: int = 8, actions: int = 6, batch: in
                 rate: float = 100.0, skip: float = 0.0, bad_rate: float = 0.0,
                 get_every: float = 0.0, env_id: str = "env-0", duration: float = 0.0,
                 seed: int = 0, wait: float = 0.0, quiet: bool = False,
-                out: TextIO = sys.stdout) -> int:
-    """The `loadgen` command: 0 after a clean run, 1 if no worker answered within `wait`."""
+                out: TextIO = sys.stdout, stop: threading.Event | None = None) -> int:
+    """The `loadgen` command: 0 after a clean run, 1 if no worker answered within `wait`.
+
+    Setting `stop` (Ctrl-C or SIGTERM in the command) ends the run cleanly: the last
+    actions are collected and the summary printed, exit 0.
+    """
     for name, v in (("--models", models), ("--actions", actions), ("--batch", batch)):
         if v < 1:
             print(f"swarm-aggregator loadgen: {name} must be at least 1", file=sys.stderr)
@@ -288,20 +293,17 @@ def run_loadgen(pub: str, sub: str, models: int = 8, actions: int = 6, batch: in
               file=sys.stderr)
         return 2
     gen = LoadGenerator(pub, sub, models, actions, batch, rate, skip, bad_rate, get_every,
-                        env_id, seed, None if quiet else out)
-    # As a container's first process, SIGTERM would otherwise be ignored.
-    signal.signal(signal.SIGTERM, lambda signum, frame: gen.stop.set())
+                        env_id, seed, None if quiet else out, stop=stop)
     try:
-        if not gen.handshake(wait):
+        if gen.handshake(wait):
+            print(f"loadgen {env_id}: {models} models, {actions} actions, batch {batch}, "
+                  f"{rate:g} steps/s, skip {skip:g}, faults {bad_rate:g}/s "
+                  f"(logits to {pub}, actions from {sub})", file=out, flush=True)
+            gen.run(duration=duration)
+        elif not gen.stop.is_set():  # stopped while waiting is not a failure
             print(f"swarm-aggregator loadgen: no worker answered within {wait:g} s "
                   f"(logits to {pub}, actions from {sub})", file=sys.stderr)
             return 1
-        print(f"loadgen {env_id}: {models} models, {actions} actions, batch {batch}, "
-              f"{rate:g} steps/s, skip {skip:g}, faults {bad_rate:g}/s "
-              f"(logits to {pub}, actions from {sub})", file=out, flush=True)
-        gen.run(duration=duration)
-    except KeyboardInterrupt:
-        pass
     finally:
         gen.close()
     s = gen.stats
