@@ -67,11 +67,19 @@ async def serve(cfg: Config) -> int:
     if cfg.metrics.port:
         server = MetricsServer(metrics, cfg.metrics.host, cfg.metrics.port,
                                lambda: bool(transport.ready)).start()
-    log.info("swarm-aggregator %s: %s metrics=%s", __version__, cfg.describe(),
-             f"http://{cfg.metrics.host}:{server.port}/metrics" if server else "off")
+    started = asyncio.Event()
+
+    async def announce() -> None:
+        # Only once the transport is up: a start that fails says so in one line, alone.
+        await started.wait()
+        log.info("swarm-aggregator %s: %s metrics=%s", __version__, cfg.describe(),
+                 f"http://{cfg.metrics.host}:{server.port}/metrics" if server else "off")
+
+    announcing = asyncio.create_task(announce())
     try:
-        await worker.run(stop)
+        await worker.run(stop, started)
     finally:
+        announcing.cancel()
         if server is not None:
             server.close()
     log.info("stopped after %d actions", worker.published)

@@ -23,6 +23,12 @@ COMMANDS: tuple[str, ...] = ("GET", "PEEK", "RESET", "SET_MODEL_WEIGHTS")
 PROPAGATED = ("ROOT_ID", "MODEL_STATUS")
 
 
+# What a transport hands over: JSON bytes; (JSON bytes, float32 values) for binary logits
+# (ZeroMQ); or an object already decoded, where the transport had to read the body to
+# route it (swergio's TO_ROOM).
+Payload = bytes | tuple[bytes, bytes] | dict[str, Any]
+
+
 @dataclass(slots=True)
 class Logits:
     """One model's logits for one step (or one batch of environments)."""
@@ -190,22 +196,34 @@ def parse_logits(obj: dict[str, Any], key_fields: Sequence[str],
     return Logits(model, arr, det, key, extra)
 
 
-def decode_command(payload: bytes, max_bytes: int) -> dict[str, Any] | None:
+def decode_logits(payload: Payload, key_fields: Sequence[str], max_bytes: int,
+                  max_actions: int, max_batch: int) -> Logits:
+    """One logits message from whatever form its transport gave; raises DecodeError."""
+    if isinstance(payload, bytes):
+        obj = decode_object(payload, max_bytes)
+    elif isinstance(payload, tuple):
+        obj = decode_binary(payload[0], payload[1], max_bytes)
+    else:
+        obj = payload
+    try:
+        return parse_logits(obj, key_fields, max_actions, max_batch)
+    except DecodeError as e:
+        if e.sender is None:
+            e.sender = component_id(obj)
+        raise
+
+
+def decode_command(payload: Payload, max_bytes: int) -> dict[str, Any] | None:
     """An evolution message that has a "CMD" field, decoded; None for everything else.
 
     Evolution traffic also carries large WEIGHTS messages; those without a "CMD" field are
     recognised from their bytes and never parsed.
     """
-    if b'"CMD"' not in payload:
+    if isinstance(payload, dict):
+        return payload if "CMD" in payload else None
+    if isinstance(payload, tuple) or b'"CMD"' not in payload:
         return None
     return decode_object(payload, max_bytes)
-
-
-def command_of(payload: bytes, max_bytes: int) -> str | None:
-    """The CMD of an evolution message, or None for everything else."""
-    obj = decode_command(payload, max_bytes)
-    cmd = None if obj is None else obj.get("CMD")
-    return cmd if isinstance(cmd, str) else None
 
 
 def encode(obj: dict[str, Any]) -> bytes:

@@ -14,7 +14,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -24,15 +24,17 @@ from .errors import RejectedError
 from .ledger import Ledger
 from .messages import (
     COMMANDS,
+    Payload,
     component_id,
-    decode_binary,
     decode_command,
-    decode_object,
+    decode_logits,
     encode,
-    parse_logits,
 )
 from .metrics import Metrics
 from .window import Closed, Windows
+
+if TYPE_CHECKING:  # the core imports no transport; the interface is only a type here
+    from transports.base import Envelope, Transport
 
 log = logging.getLogger("swarm_aggregator")
 
@@ -61,7 +63,7 @@ class RateLimitedLog:
 
 
 class Worker:
-    def __init__(self, cfg: Config, transport: Any, metrics: Metrics | None = None,
+    def __init__(self, cfg: Config, transport: Transport, metrics: Metrics | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.cfg = cfg
         self.transport = transport
@@ -85,7 +87,8 @@ class Worker:
         self.t_logits, self.t_action, self.t_evolution = t.logits, t.action, t.evolution
         self.limits = cfg.limits
         self.published = 0
-        self.acks = bool(getattr(transport, "acks", False))
+        self.acks = transport.acks
+        transport.on_reject = self.reject  # what the transport refuses is counted here
 
     # -- intake -------------------------------------------------------------------------
 
@@ -93,61 +96,45 @@ class Worker:
         self.metrics.reject(reason)
         self.rejects.reject(reason, detail, sender)
 
-    async def handle(self, batch: list[tuple[str | None, bytes, float, Any]]) -> None:
-        """Process one burst of envelopes."""
+    def _request(self, payload: Payload) -> dict[str, Any] | None:
+        """An evolution command for this worker, or None (WEIGHTS and the like, never
+        parsed; replies of workers; commands it does not know)."""
+        try:
+            request = decode_command(payload, self.limits.max_message_bytes)
+        except RejectedError as e:
+            self.reject(e.reason, e.detail)
+            return None
+        if request is None or request.get("CMD") not in COMMANDS:
+            return None
+        return request
+
+    async def handle(self, batch: list[Envelope]) -> None:
+        """Process one burst of envelopes: windows, then what closed, then actions."""
         pending: list[Closed] = []
         settled: list[Any] = []  # tokens of rejected messages (acknowledging transports)
         lim = self.limits
         n_logits = n_evolution = 0
         replaced = self.windows.replaced
         for topic, payload, at, token in batch:
-            obj: dict[str, Any] | None = None
-            if topic is None:
-                # The room is inside the body (swergio): look before parsing, since most
-                # traffic in the shared rooms (commands, WEIGHTS) is not ours.
-                if b'"LOGITS"' not in payload and b'"CMD"' not in payload:
-                    continue
-                try:
-                    obj = decode_object(payload, lim.max_message_bytes)
-                except RejectedError as e:
-                    self.reject(e.reason, e.detail)
-                    continue
-                if obj.get("TYPE") != "DATA/CUSTOM":
-                    continue  # swergio commands and logs: the seed reacts to DATA/CUSTOM only
-                topic = obj.get("TO_ROOM")
-                if topic != self.t_logits and topic != self.t_evolution:
-                    continue
             if topic == self.t_logits:
                 n_logits += 1
                 try:
-                    if obj is None:
-                        if payload.__class__ is tuple:
-                            obj = decode_binary(payload[0], payload[1], lim.max_message_bytes)
-                        else:
-                            obj = decode_object(payload, lim.max_message_bytes)
-                    msg = parse_logits(obj, self.key_fields, lim.max_actions, lim.max_batch)
+                    msg = decode_logits(payload, self.key_fields, lim.max_message_bytes,
+                                        lim.max_actions, lim.max_batch)
                     msg.token = token
                     pending += self.windows.add(msg, at)
                 except RejectedError as e:
-                    self.reject(e.reason, e.detail, e.sender or
-                                (component_id(obj) if obj is not None else None))
+                    self.reject(e.reason, e.detail, e.sender)
                     if token is not None:
                         settled.append(token)
             elif topic == self.t_evolution:
                 n_evolution += 1
-                if obj is None:
-                    try:
-                        obj = decode_command(payload, lim.max_message_bytes)
-                    except RejectedError as e:
-                        self.reject(e.reason, e.detail)
-                        continue
-                    if obj is None:
-                        continue  # WEIGHTS and the like: not for us, never parsed
-                cmd = obj.get("CMD")
-                if cmd in COMMANDS:
+                request = self._request(payload)
+                if request is not None:
+                    # What closed before the command in this burst counts in its reply.
                     await self._flush(pending)
                     pending = []
-                    await self._command(cmd, obj)
+                    await self._command(request["CMD"], request)
         if self.windows.replaced != replaced:
             self.metrics.reject("duplicate", self.windows.replaced - replaced)
             self.rejects.reject("duplicate", "lockstep: a model sent again; its newer logits "

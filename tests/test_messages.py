@@ -12,8 +12,9 @@ from hypothesis import strategies as st
 
 from processor.errors import REASONS, DecodeError
 from processor.messages import (
-    command_of,
     decode_binary,
+    decode_command,
+    decode_logits,
     decode_object,
     encode,
     encode_binary,
@@ -159,10 +160,26 @@ def test_deeply_nested_json_is_rejected_not_crashing():
     assert reason_of(deep_obj) in ("not_json", "bad_logits")
 
 
-def test_command_of_reads_only_messages_with_a_cmd():
-    assert command_of(b'{"CMD": "GET"}', LIMIT) == "GET"
-    assert command_of(b'{"WEIGHTS": "not even json', LIMIT) is None  # never parsed
-    assert command_of(b'{"CMD": 3}', LIMIT) is None
+def test_decode_command_reads_only_messages_with_a_cmd():
+    assert decode_command(b'{"CMD": "GET"}', LIMIT) == {"CMD": "GET"}
+    assert decode_command(b'{"WEIGHTS": "not even json', LIMIT) is None  # never parsed
+    assert decode_command({"CMD": "PEEK", "TO_ROOM": "evolution"}, LIMIT) == \
+        {"CMD": "PEEK", "TO_ROOM": "evolution"}        # decoded by its transport already
+    assert decode_command({"WEIGHTS": [1]}, LIMIT) is None
+    with pytest.raises(DecodeError):
+        decode_command(b'{"CMD": "GET", oops}', LIMIT)
+
+
+def test_decode_logits_takes_every_form_a_transport_gives():
+    obj = {"LOGITS": [1.0, 2.0], "COMPONENT_ID": 7, "STEP": 3}
+    forms = [orjson.dumps(obj), obj,
+             tuple(encode_binary({"COMPONENT_ID": 7, "STEP": 3}, [1.0, 2.0]))]
+    for form in forms:
+        msg = decode_logits(form, ("STEP",), LIMIT, 100, 100)
+        assert msg.model == "7" and msg.key == (3,) and msg.logits.tolist() == [[1.0, 2.0]]
+    with pytest.raises(DecodeError) as e:
+        decode_logits({"LOGITS": [1, "x"], "COMPONENT_ID": "m9"}, (), LIMIT, 100, 100)
+    assert e.value.reason == "bad_logits" and e.value.sender == "m9"
 
 
 def test_encode_handles_numpy_values():

@@ -4,11 +4,14 @@
         batch = await transport.receive(0.1)   # what is ready now, [] after the timeout
         await transport.publish(topic, payload)
 
-An envelope is `(topic, payload, received_at, token)`: the topic (None when the topic
-travels inside the JSON body, as swergio's `TO_ROOM` does), the raw bytes,
+An envelope is `(topic, payload, received_at, token)`: the topic, the payload (the raw
+bytes; a pair of frames for binary logits; or the object already decoded, where the
+transport had to read the body to learn its topic, as swergio's `TO_ROOM`),
 `time.monotonic()` when the bytes were read, and a delivery token (None unless the
-transport acknowledges). `receive` drains everything already waiting (up to a burst cap),
-so the worker can aggregate the windows of one burst together.
+transport acknowledges). Each transport applies its own wire rules (which messages are
+the worker's, and under which topic) before it hands an envelope over. `receive` drains
+everything already waiting (up to a burst cap), so the worker can aggregate the windows of
+one burst together.
 
 A transport with `acks = True` is at-least-once: the worker hands every token back to
 `settle(tokens)` once the message is done with (its window's action published, its window
@@ -25,9 +28,8 @@ from typing import Any, Protocol, Self
 
 from processor.config import Config
 from processor.errors import ConfigError
+from processor.messages import Payload
 
-# The payload: JSON bytes, or (JSON bytes, float32 values) for binary logits (ZeroMQ).
-Payload = bytes | tuple[bytes, bytes]
 Envelope = tuple[str | None, Payload, float, Any]
 # Called by a transport for input it refuses before the worker sees it (reason, detail).
 RejectHook = Callable[[str, str], None]
@@ -44,6 +46,10 @@ MAX_BURST = 4096
 
 class Transport(Protocol):
     ready: bool  # connected and subscribed
+    acks: bool   # at-least-once: tokens must be settled (see the module's docstring)
+    # Where the transport reports input it refuses before the worker sees it (counted and
+    # logged there); the worker sets it to its own.
+    on_reject: RejectHook
 
     async def __aenter__(self) -> Self: ...
 
@@ -56,6 +62,10 @@ class Transport(Protocol):
 
     def stamp(self, topic: str) -> dict[str, Any] | None:
         """Fields this transport's peers expect in every outgoing message (or None)."""
+        ...
+
+    async def settle(self, tokens: list[Any]) -> None:
+        """Done with these messages (acknowledge them); a no-op where `acks` is False."""
         ...
 
 

@@ -73,9 +73,12 @@ class MemoryBus:
 
 
 class MemoryTransport:
+    acks = False
+
     def __init__(self, cfg: Config, on_reject: RejectHook, bus: MemoryBus | None = None) -> None:
         self.bus = bus if bus is not None else MemoryBus.named(cfg.transport.memory.bus)
         self.topics = (cfg.topics.logits, cfg.topics.evolution)
+        self.on_reject = on_reject
         self.ready = False
         self._sub: Subscription | None = None
 
@@ -105,6 +108,9 @@ class MemoryTransport:
     async def publish(self, topic: str, payload: bytes, dedup: str | None = None) -> bool:
         self.bus.publish(topic, payload)
         return True
+
+    async def settle(self, tokens: list[Any]) -> None:
+        pass  # at-most-once: nothing to acknowledge
 
     def stamp(self, topic: str) -> dict[str, Any] | None:
         return None

@@ -4,7 +4,10 @@ Wire format: TCP; each frame is a header of `header_length` bytes holding the bo
 length in ASCII (left-justified, space-padded), then the UTF-8 JSON body. On connect the
 client sends `COMMAND/REGISTER` with its NAME, then `COMMAND/JOINROOM` for `_command` and
 each room it uses, all with `TO_ROOM: "_command"`. The room of a message travels inside its
-body (`TO_ROOM`), so envelopes carry topic None and the worker reads the room after parsing.
+body (`TO_ROOM`), so this transport reads it: only `DATA/CUSTOM` messages (the original
+aggregator reacts to no other) to the logits or evolution room are the worker's, and they
+reach it decoded, under their room as topic. Most traffic in the shared rooms (commands,
+WEIGHTS) is recognised as not the worker's from its bytes and never parsed.
 
 Guarantees: TCP order from the server; at-most-once: while the server is away nothing is
 received, and actions or replies that cannot be sent are counted and dropped. The worker
@@ -38,6 +41,8 @@ from typing import Any, Self
 import orjson
 
 from processor.config import Config
+from processor.errors import RejectedError
+from processor.messages import decode_object
 
 from .base import MAX_BURST, Envelope, RejectHook
 
@@ -70,9 +75,12 @@ def parse_header(header: bytes) -> int:
 
 
 class SwergioTransport:
+    acks = False
+
     def __init__(self, cfg: Config, on_reject: RejectHook) -> None:
         self.cfg = cfg.transport.swergio
         self.rooms = ("_command", cfg.topics.logits, cfg.topics.evolution, cfg.topics.action)
+        self.inbound = (cfg.topics.logits, cfg.topics.evolution)
         self.max_bytes = cfg.limits.max_message_bytes
         self.on_reject = on_reject
         self.ready = False
@@ -188,11 +196,26 @@ class SwergioTransport:
                 continue
             body = await reader.readexactly(n)
             self._frames += 1
-            inbox.append((None, body, time.monotonic(), None))
+            inbox.append((None, body, time.monotonic(), None))  # routed when received
             self._has_data.set()
             if len(inbox) >= INBOX_LIMIT:
                 self._has_room.clear()
                 await self._has_room.wait()
+
+    def _route(self, frame: Envelope) -> Envelope | None:
+        """The worker's envelope of one frame, or None when the frame is not for it."""
+        body, at = frame[1], frame[2]
+        if not isinstance(body, bytes) or (b'"LOGITS"' not in body and b'"CMD"' not in body):
+            return None
+        try:
+            obj = decode_object(body, self.max_bytes)
+        except RejectedError as e:
+            self.on_reject(e.reason, e.detail)
+            return None
+        room = obj.get("TO_ROOM")
+        if obj.get("TYPE") != "DATA/CUSTOM" or room not in self.inbound:
+            return None
+        return room, obj, at, None
 
     @staticmethod
     async def _discard(reader: asyncio.StreamReader, n: int) -> None:
@@ -211,12 +234,13 @@ class SwergioTransport:
             except TimeoutError:
                 return []
         if len(inbox) <= MAX_BURST:
-            out = list(inbox)
+            frames = list(inbox)
             inbox.clear()
         else:
-            out = [inbox.popleft() for _ in range(MAX_BURST)]
+            frames = [inbox.popleft() for _ in range(MAX_BURST)]
         self._has_room.set()
-        return out
+        route = self._route
+        return [e for e in map(route, frames) if e is not None]
 
     async def publish(self, topic: str, payload: bytes, dedup: str | None = None) -> bool:
         w = self._writer
@@ -234,6 +258,9 @@ class SwergioTransport:
     def counters(self) -> dict[str, int]:
         """Events of this transport so far, for metrics (by event name)."""
         return {"reconnect": max(0, self.connects - 1), "send_dropped": self.dropped_out}
+
+    async def settle(self, tokens: list[Any]) -> None:
+        pass  # at-most-once: nothing to acknowledge
 
     def stamp(self, topic: str) -> dict[str, Any] | None:
         return {"ID": uuid.uuid4().hex, "TYPE": "DATA/CUSTOM", "TO_ROOM": topic,

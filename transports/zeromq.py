@@ -35,6 +35,8 @@ from .base import MAX_BURST, Envelope, RejectHook
 
 
 class ZmqTransport:
+    acks = False
+
     def __init__(self, cfg: Config, on_reject: RejectHook, context: zmq.Context | None = None
                  ) -> None:
         self.cfg = cfg.transport.zmq
@@ -176,6 +178,9 @@ class ZmqTransport:
         # PUB never blocks: at the high-water mark ZeroMQ drops for that subscriber.
         self._pub.send_multipart((topic.encode(), payload), zmq.NOBLOCK)
         return True
+
+    async def settle(self, tokens: list[Any]) -> None:
+        pass  # at-most-once: nothing to acknowledge
 
     def stamp(self, topic: str) -> dict[str, Any] | None:
         return None
