@@ -131,7 +131,7 @@ def worker_env(models: int, **keys: Any) -> dict[str, str]:
 
 
 def worker_argv() -> list[str]:
-    return [sys.executable, "-m", "processor.cli", "run"]
+    return [sys.executable, "-m", "processor", "run"]
 
 
 class Bodies:

@@ -3,7 +3,7 @@
 A fresh swergio 0.0.2 server (PyPI, unchanged, stdout to /dev/null: it prints a line per
 message) for each aggregator measured, so no component of one run lingers in the next:
 
-- `worker`: `python -m processor.cli run` with SWARM_AGG__TRANSPORT__KIND=swergio;
+- `worker`: `python -m processor run` with SWARM_AGG__TRANSPORT__KIND=swergio;
 - `seed`: the swergio RLGym example's aggregation component (`bench.seed_aggregator`: a
   real swergio Client, torch, `client.listen()`);
 - `echo`: a component with no math that answers every M logits messages
@@ -71,7 +71,7 @@ class Pipeline:
 
 def aggregator_argv(kind: str, port: int, plan: Plan) -> tuple[list[str], dict[str, str]]:
     if kind == "worker":
-        return python("-m", "processor.cli", "run"), worker_env(
+        return python("-m", "processor", "run"), worker_env(
             transport__kind="swergio", transport__swergio__host=HOST,
             transport__swergio__port=port, window__models=plan.models,
             window__timeout_ms=0, metrics__port=0)

@@ -2,7 +2,7 @@
 
 The driver (this process) plays the environment and the M models: a PUB socket connected
 to the peer's SUB, a SUB socket connected to the peer's PUB, every message encoded before
-the clock starts. The peer is the worker (`python -m processor.cli run`, configured by
+the clock starts. The peer is the worker (`python -m processor run`, configured by
 SWARM_AGG__* variables) or a baseline from `bench.peers` with the same sockets, driven by
 the same code:
 
@@ -112,7 +112,7 @@ def peer(kind: str, plan: Plan, keyed: bool = False, metrics_port: int = 0) -> I
                                 "metrics__port": metrics_port}
         if keyed:
             keys["window__key"] = ["ENV_ID", "STEP"]
-        argv = python("-m", "processor.cli", "run")
+        argv = python("-m", "processor", "run")
         env = worker_env(**keys)
     else:
         argv = python("-m", "bench.peers", "zmq-echo", "--sub", sub_ep, "--pub", pub_ep,

@@ -26,7 +26,7 @@ def free_port() -> int:
 
 
 def cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "processor.cli", *args]
+    return [sys.executable, "-m", "processor", *args]
 
 
 @contextmanager

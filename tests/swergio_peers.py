@@ -140,7 +140,7 @@ def worker_process(toml: str) -> Iterator[subprocess.Popen[bytes]]:
     with tempfile.TemporaryDirectory() as tmp, tempfile.TemporaryFile() as log:
         cfg = Path(tmp) / "worker.toml"
         cfg.write_text(toml)
-        proc = subprocess.Popen([sys.executable, "-m", "processor.cli", "run", "-c", str(cfg)],
+        proc = subprocess.Popen([sys.executable, "-m", "processor", "run", "-c", str(cfg)],
                                 cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
         proc.log_file = log  # type: ignore[attr-defined]

@@ -27,7 +27,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from processor import __version__
-from processor.cli import build_parser
+from processor.apps.cli import build_parser
 from processor.config import Config, env_overrides, from_mapping, load
 from tests.procs import ROOT, cli, free_port, process, worker_env
 

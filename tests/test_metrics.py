@@ -16,7 +16,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from processor import metrics as metrics_mod
-from processor import top
+from processor.apps import top
 from processor.errors import REASONS
 from processor.metrics import LATENCY_BUCKETS, Metrics, MetricsServer
 from processor.window import OUTCOMES

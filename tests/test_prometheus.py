@@ -32,7 +32,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from processor.loadgen import LoadGenerator
+from processor.apps.loadgen import LoadGenerator
 from tests.procs import ROOT, cli, free_port, output, process, worker_env
 
 pytestmark = pytest.mark.timeout(120)

@@ -473,7 +473,7 @@ def help_of(argv: list[str]) -> str:
     import io
     from contextlib import redirect_stdout
 
-    from processor.cli import build_parser
+    from processor.apps.cli import build_parser
 
     out = io.StringIO()
     with redirect_stdout(out), contextlib.suppress(SystemExit):
@@ -487,7 +487,7 @@ def test_inline_commands_parse_and_keys_writes_its_pair(sh):
     exist. The Security section's `keys` line runs and writes the two files it names."""
     import shlex
 
-    from processor.cli import build_parser
+    from processor.apps.cli import build_parser
 
     spans = [" ".join(c.split()) for c in re.findall(r"`(swarm-aggregator [^`]+)`",
                                                      README.read_text())]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from processor.aggregate import STRATEGIES
-from processor.study import mixed_swarm, run_study, spearman
+from processor.apps.study import mixed_swarm, run_study, spearman
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -12,9 +12,9 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
-from . import __version__
-from .config import Config, load
-from .errors import ConfigError
+from .. import __version__
+from ..config import Config, load
+from ..errors import ConfigError
 
 log = logging.getLogger("swarm_aggregator")
 
@@ -46,8 +46,8 @@ async def serve(cfg: Config) -> int:
     """Run the worker on `cfg` until SIGINT or SIGTERM; 0 on a clean stop."""
     from transports import create
 
-    from .metrics import Metrics, MetricsServer
-    from .worker import Worker
+    from ..metrics import Metrics, MetricsServer
+    from ..worker import Worker
 
     metrics = Metrics(max_models=cfg.metrics.max_models)
     worker: Worker | None = None

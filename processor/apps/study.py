@@ -25,9 +25,9 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from .aggregate import STRATEGIES, create
+from ..aggregate import STRATEGIES, create
+from ..ledger import Ledger
 from .demo import toy_logits
-from .ledger import Ledger
 
 
 @dataclass

@@ -205,8 +205,8 @@ async def _serve(sim: Simulation, models: int) -> DemoResult:
     # brings torch, seconds of start-up a load generator does not need.
     from transports.zeromq import ZmqTransport
 
-    from .config import from_mapping
-    from .worker import Worker
+    from ..config import from_mapping
+    from ..worker import Worker
 
     cfg = from_mapping({
         "transport": {"kind": "zmq", "zmq": {"sub": "tcp://127.0.0.1:0",
