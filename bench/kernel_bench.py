@@ -52,10 +52,11 @@ def timed(fn: Callable[[], Any], plan: Plan, per: int = 1) -> dict[str, Any]:
 
 
 def kernel_section(plan: Plan) -> dict[str, Any]:
-    from processor.aggregate import SumProbs
+    from processor.aggregate import SumProbs, use_one_thread
     from processor.config import LimitsConfig
     from processor.messages import decode_binary, decode_object, encode_binary, parse_logits
 
+    use_one_thread()  # as a running worker does
     strategy = SumProbs(seed=0)
     rng = np.random.default_rng(0)
     widest = max(plan.kernel_batches, default=1)

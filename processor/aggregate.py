@@ -46,7 +46,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-torch.set_num_threads(1)  # small tensors: threads cost more than they save, and steal a core
+
+
+def use_one_thread() -> None:
+    """For a process that runs a worker: torch's small tensors here gain nothing from
+    threads, which would steal a core from the transport. Called where a worker starts, not
+    at import, so importing the package changes no program's torch settings."""
+    torch.set_num_threads(1)
 
 
 @dataclass(slots=True)
@@ -158,8 +164,8 @@ class Strategy:
         """
         cdf = weights.cumsum(axis=-1, dtype=np.float64)
         u = self.rng.random(cdf.shape[:-1]) * cdf[..., -1]
-        drawn = (cdf <= u[..., None]).sum(axis=-1)
-        return np.minimum(drawn, cdf.shape[-1] - 1)
+        drawn: np.ndarray = np.minimum((cdf <= u[..., None]).sum(axis=-1), cdf.shape[-1] - 1)
+        return drawn
 
 
 def _sum_models(v: np.ndarray) -> np.ndarray:

@@ -210,54 +210,65 @@ def _from_env(value: EnvText, tp: Any, key: str, secret: bool) -> Any:
         return str(value)
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _secret(value: Any, key: str) -> str:
+    # A number written for a password is its text; nothing else is shown.
+    if _is_int(value):
+        return str(value)
+    if isinstance(value, str):
+        return value
+    raise ConfigError(key, f"expected a string, got a {type(value).__name__} "
+                      "(hidden: it is a secret)")
+
+
+def _strings(value: Any, key: str) -> list[str]:
+    if not isinstance(value, list):
+        raise ConfigError(key, f"expected a list of strings, got {value!r}")
+    for item in value:
+        # Model ids may be written as numbers; they are strings on the wire.
+        if not (isinstance(item, str) or _is_int(item)):
+            raise ConfigError(key, f"expected a list of strings, got item {item!r}")
+    return [str(item) for item in value]
+
+
+def _numbers(value: Any, key: str) -> dict[str, float]:
+    if not isinstance(value, Mapping):
+        raise ConfigError(key, f"expected a table of numbers, got {value!r}")
+    for k, v in value.items():
+        if not (_is_int(v) or isinstance(v, float)):
+            raise ConfigError(f"{key}.{k}", f"expected a number, got {v!r}")
+    return {str(k): float(v) for k, v in value.items()}
+
+
+# Leaf types: (does the value fit, how it is stored, what was expected)
+_SCALARS: dict[Any, tuple[Any, Any, str]] = {
+    bool: (lambda v: isinstance(v, bool), bool, "true or false"),
+    int: (_is_int, int, "an integer"),
+    float: (lambda v: _is_int(v) or isinstance(v, float), float, "a number"),
+    str: (lambda v: isinstance(v, str), str, "a string"),
+}
+
+
 def _convert(value: Any, tp: Any, key: str, secret: bool = False) -> Any:
     """Check (and lightly coerce) one leaf value against its annotated type."""
     if isinstance(value, EnvText):
         value = _from_env(value, tp, key, secret)
     if secret:
-        # A number written for a password is its text; nothing else is shown.
-        if isinstance(value, int) and not isinstance(value, bool):
-            return str(value)
-        if isinstance(value, str):
-            return value
-        raise ConfigError(key, f"expected a string, got a {type(value).__name__} "
-                          "(hidden: it is a secret)")
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(key, f"expected true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(key, f"expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise ConfigError(key, f"expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(key, f"expected a string, got {value!r}")
-    if typing.get_origin(tp) is list:
-        if not isinstance(value, list):
-            raise ConfigError(key, f"expected a list of strings, got {value!r}")
-        out = []
-        for item in value:
-            # Model ids may be written as numbers; they are strings on the wire.
-            if isinstance(item, (str, int)) and not isinstance(item, bool):
-                out.append(str(item))
-            else:
-                raise ConfigError(key, f"expected a list of strings, got item {item!r}")
-        return out
-    if typing.get_origin(tp) is dict:
-        if not isinstance(value, Mapping):
-            raise ConfigError(key, f"expected a table of numbers, got {value!r}")
-        table = {}
-        for k, v in value.items():
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
-                raise ConfigError(f"{key}.{k}", f"expected a number, got {v!r}")
-            table[str(k)] = float(v)
-        return table
+        return _secret(value, key)
+    scalar = _SCALARS.get(tp)
+    if scalar is not None:
+        fits, store, expected = scalar
+        if not fits(value):
+            raise ConfigError(key, f"expected {expected}, got {value!r}")
+        return store(value)
+    origin = typing.get_origin(tp)
+    if origin is list:
+        return _strings(value, key)
+    if origin is dict:
+        return _numbers(value, key)
     raise ConfigError(key, f"unsupported type {tp!r}")  # pragma: no cover
 
 
@@ -353,12 +364,20 @@ def nats_url_problem(url: str) -> str | None:
     return None if not port else _port_problem(port, repr(url), wildcard=False)
 
 
-def _validate(cfg: Config) -> None:
-    def need(ok: bool, key: str, message: str) -> None:
-        if not ok:
-            raise ConfigError(key, message)
+def _need(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(key, message)
 
-    t, w, a = cfg.transport, cfg.window, cfg.aggregate
+
+def _validate(cfg: Config) -> None:
+    _validate_transport(cfg)
+    _validate_nats(cfg)
+    _validate_window(cfg)
+    _validate_rest(cfg)
+
+
+def _validate_transport(cfg: Config) -> None:
+    need, t = _need, cfg.transport
     need(t.kind in TRANSPORT_KINDS, "transport.kind",
          f"unknown transport {t.kind!r} (valid: {', '.join(TRANSPORT_KINDS)})")
     need(0 < t.swergio.port < 65536, "transport.swergio.port", "must be 1..65535")
@@ -378,6 +397,9 @@ def _validate(cfg: Config) -> None:
              "transport.zmq.curve_server_public_file",
              "must name the server's public certificate for sockets that connect")
     need(t.zmq.sndhwm >= 0, "transport.zmq.sndhwm", "must be >= 0")
+
+def _validate_nats(cfg: Config) -> None:
+    need, t, w = _need, cfg.transport, cfg.window
     n = t.nats
 
     def nats_name(name: str) -> bool:
@@ -430,6 +452,9 @@ def _validate(cfg: Config) -> None:
         for k in ("logits", "action", "evolution"):
             need(nats_subject(getattr(cfg.topics, k)), f"topics.{k}",
                  "must be a NATS subject without wildcards or spaces")
+
+def _validate_window(cfg: Config) -> None:
+    need, w = _need, cfg.window
     for k in ("logits", "action", "evolution"):
         need(bool(getattr(cfg.topics, k)), f"topics.{k}", "must not be empty")
     need(len({cfg.topics.logits, cfg.topics.action, cfg.topics.evolution}) == 3, "topics",
@@ -444,6 +469,9 @@ def _validate(cfg: Config) -> None:
     need(len(set(w.key)) == len(w.key), "window.key", "has duplicates")
     need(not (cfg.expected_models() == 0 and w.timeout_ms == 0), "window.timeout_ms",
          "must be > 0 when window.models = 0 (recent membership needs a deadline)")
+
+def _validate_rest(cfg: Config) -> None:
+    need, a = _need, cfg.aggregate
     need(a.strategy in STRATEGIES, "aggregate.strategy",
          f"unknown strategy {a.strategy!r} (valid: {', '.join(STRATEGIES)})")
     need(a.temperature > 0, "aggregate.temperature", "must be > 0")

@@ -51,13 +51,3 @@ class RejectedError(SwarmAggregatorError, ValueError):
 
 class DecodeError(RejectedError):
     """The bytes of a message could not be turned into a valid message."""
-
-
-class TransportError(SwarmAggregatorError):
-    """A transport failed; `recoverable` says whether reconnecting may help."""
-
-    recoverable: bool = True
-
-    def __init__(self, message: str, *, recoverable: bool = True) -> None:
-        super().__init__(message)
-        self.recoverable = recoverable

@@ -136,6 +136,53 @@ def component_id(obj: dict[str, Any]) -> str | None:
     return None
 
 
+def _model_of(cid: Any) -> str:
+    if cid.__class__ is str and cid:
+        return str(cid)
+    if isinstance(cid, str):
+        raise DecodeError("bad_component_id", "empty COMPONENT_ID")
+    if isinstance(cid, (int, float)) and not isinstance(cid, bool):
+        return str(cid)
+    raise DecodeError("bad_component_id", f"COMPONENT_ID of type {type(cid).__name__}")
+
+
+def _short_row(raw: list[Any], sender: str, max_actions: int) -> np.ndarray:
+    """The common case, one short row: range checked in Python (orjson never yields NaN or
+    inf, so min and max bound every element), converted once, with no overflow."""
+    n = len(raw)
+    if n > max_actions:
+        raise DecodeError("bad_logits", f"{n} actions over limit {max_actions}", sender)
+    try:
+        in_range = -F32_MAX <= min(raw) and max(raw) <= F32_MAX
+    except TypeError:
+        raise DecodeError("bad_logits", "LOGITS must hold numbers", sender) from None
+    if not in_range:  # finite (JSON has no infinity), past float32: saturate
+        raw = [min(max(v, -F32_MAX), F32_MAX) for v in raw]
+    try:
+        return np.array(raw, dtype=np.float32).reshape(1, n)
+    except (ValueError, TypeError, OverflowError):
+        raise DecodeError("bad_logits", "LOGITS must hold numbers", sender) from None
+
+
+def _array_of(raw: Any, sender: str, max_actions: int, max_batch: int) -> np.ndarray:
+    if raw.__class__ is np.ndarray:   # binary frames: float32 already (decode_binary)
+        return _checked(raw, sender, max_actions, max_batch, from_json=False)
+    if raw.__class__ is not list or not raw:
+        raise DecodeError("bad_logits", "LOGITS must be a non-empty list", sender)
+    if raw[0].__class__ is not list and len(raw) <= SMALL_ROW:
+        return _short_row(raw, sender, max_actions)
+    return _convert_rows(raw, sender, max_actions, max_batch)
+
+
+def _key_of(obj: dict[str, Any], key_fields: Sequence[str], sender: str) -> tuple[Any, ...]:
+    key = tuple([obj.get(f) for f in key_fields])
+    for f, v in zip(key_fields, key):
+        # exact classes: bool (a subclass of int) and floats are no step key
+        if v.__class__ is not int and v.__class__ is not str:
+            raise DecodeError("bad_key", f"step-key field {f} is {v!r}", sender)
+    return key
+
+
 def parse_logits(obj: dict[str, Any], key_fields: Sequence[str],
                  max_actions: int, max_batch: int) -> Logits:
     """Validate a decoded logits message; raises DecodeError with the reason."""
@@ -144,52 +191,14 @@ def parse_logits(obj: dict[str, Any], key_fields: Sequence[str],
         cid = obj["COMPONENT_ID"]
     except KeyError as e:
         raise DecodeError("missing_field", f"no {e.args[0]}") from None
-    if cid.__class__ is str and cid:
-        model = cid
-    elif isinstance(cid, str):
-        raise DecodeError("bad_component_id", "empty COMPONENT_ID")
-    elif isinstance(cid, (int, float)) and not isinstance(cid, bool):
-        model = str(cid)
-    else:
-        raise DecodeError("bad_component_id", f"COMPONENT_ID of type {type(cid).__name__}")
+    model = _model_of(cid)
     sender = model[:64]
-
-    if raw.__class__ is np.ndarray:   # binary frames: float32 already (decode_binary)
-        arr = _checked(raw, sender, max_actions, max_batch, from_json=False)
-    elif raw.__class__ is not list or not raw:
-        raise DecodeError("bad_logits", "LOGITS must be a non-empty list", sender)
-    elif raw[0].__class__ is not list and len(raw) <= SMALL_ROW:
-        n = len(raw)
-        # The common case, one short row: check range in Python (orjson never yields NaN
-        # or inf, so min and max bound every element) and convert once, with no overflow.
-        if n > max_actions:
-            raise DecodeError("bad_logits", f"{n} actions over limit {max_actions}", sender)
-        try:
-            in_range = -F32_MAX <= min(raw) and max(raw) <= F32_MAX
-        except TypeError:
-            raise DecodeError("bad_logits", "LOGITS must hold numbers", sender) from None
-        if not in_range:  # finite (JSON has no infinity), past float32: saturate
-            raw = [min(max(v, -F32_MAX), F32_MAX) for v in raw]
-        try:
-            arr = np.array(raw, dtype=np.float32).reshape(1, n)
-        except (ValueError, TypeError, OverflowError):
-            raise DecodeError("bad_logits", "LOGITS must hold numbers", sender) from None
-    else:
-        arr = _convert_rows(raw, sender, max_actions, max_batch)
-
+    arr = _array_of(raw, sender, max_actions, max_batch)
     det = obj.get("DETERMINISTIC")
     if det is not None and det.__class__ is not bool:
         raise DecodeError("bad_deterministic", f"DETERMINISTIC of type {type(det).__name__}",
                           sender)
-
-    key: tuple[Any, ...] = ()
-    if key_fields:
-        key = tuple([obj.get(f) for f in key_fields])
-        for f, v in zip(key_fields, key):
-            # exact classes: bool (a subclass of int) and floats are no step key
-            if v.__class__ is not int and v.__class__ is not str:
-                raise DecodeError("bad_key", f"step-key field {f} is {v!r}", sender)
-
+    key = _key_of(obj, key_fields, sender) if key_fields else ()
     extra = None
     if "ROOT_ID" in obj or "MODEL_STATUS" in obj:
         extra = {f: obj[f] for f in PROPAGATED if f in obj}

@@ -100,32 +100,9 @@ class Windows:
         closed: list[Closed] = []
         win = self.open.get(key)
         if win is None:
-            if self.keyed and key in self.closed_keys:
-                raise RejectedError("late", f"window {key!r} already closed", msg.model)
-            if len(self.open) >= self.cfg.max_open:
-                _, oldest = self.open.popitem(last=False)
-                closed.append(self._close(oldest, EVICTED))
-            deadline = now + self.timeout if self.timeout else float("inf")
-            win = Window(key, now, deadline, msg.logits.shape)
-            self.open[key] = win
-        elif msg.model in win.models:
-            if self.keyed:
-                raise RejectedError("duplicate", f"second message for window {key!r}",
-                                    msg.model)
-            # Lockstep has no step key: a model that sends again has moved on to the next
-            # step (after a lost action, or a reconnect), so its newer logits replace the
-            # older ones, as the seed's memory[id] = logits does, and the repeat is counted.
-            if msg.logits.shape != win.shape:
-                raise RejectedError("shape", f"shape {msg.logits.shape} in a window of "
-                                    f"{win.shape}", msg.model)
-            self.replaced += 1
-        elif msg.logits.shape != win.shape:
-            raise RejectedError("shape", f"shape {msg.logits.shape} in a window of {win.shape}",
-                                msg.model)
-        elif len(win.models) >= self.max_models:
-            # Only with models = 0 can a window grow past the models it expects.
-            raise RejectedError("too_many_models", f"window {key!r} already has "
-                                f"{len(win.models)} models (limits.max_models)", msg.model)
+            win = self._open(msg, now, closed)
+        else:
+            self._admit(win, msg)
         win.models[msg.model] = msg.logits
         if msg.token is not None:
             if win.tokens is None:
@@ -134,19 +111,51 @@ class Windows:
         win.deterministic = msg.deterministic
         win.last_at = now
         win.extra = msg.extra  # the last message's ROOT_ID / MODEL_STATUS, as the seed
-        if self.expected:
-            done = len(win.models) >= self.expected
-        else:
-            seen = self.last_seen
-            seen[msg.model] = now
-            seen.move_to_end(msg.model)
-            if len(seen) > self.max_models:
-                seen.popitem(last=False)
-            done = now - self.start >= self.cfg.recent_s and self._covers(win, now)
-        if done:
+        if self._done(win, msg.model, now):
             del self.open[key]
             closed.append(self._close(win, COMPLETE))
         return closed
+
+    def _open(self, msg: Logits, now: float, closed: list[Closed]) -> Window:
+        """A new window for msg's key (closing the oldest first when at the cap)."""
+        key = msg.key
+        if self.keyed and key in self.closed_keys:
+            raise RejectedError("late", f"window {key!r} already closed", msg.model)
+        if len(self.open) >= self.cfg.max_open:
+            _, oldest = self.open.popitem(last=False)
+            closed.append(self._close(oldest, EVICTED))
+        deadline = now + self.timeout if self.timeout else float("inf")
+        win = Window(key, now, deadline, msg.logits.shape)
+        self.open[key] = win
+        return win
+
+    def _admit(self, win: Window, msg: Logits) -> None:
+        """Whether msg may join an open window; raises RejectedError if not."""
+        if msg.model in win.models and self.keyed:
+            raise RejectedError("duplicate", f"second message for window {win.key!r}",
+                                msg.model)
+        if msg.logits.shape != win.shape:
+            raise RejectedError("shape", f"shape {msg.logits.shape} in a window of {win.shape}",
+                                msg.model)
+        if msg.model in win.models:
+            # Lockstep has no step key: a model that sends again has moved on to the next
+            # step (after a lost action, or a reconnect), so its newer logits replace the
+            # older ones, as the seed's memory[id] = logits does, and the repeat is counted.
+            self.replaced += 1
+        elif len(win.models) >= self.max_models:
+            # Only with models = 0 can a window grow past the models it expects.
+            raise RejectedError("too_many_models", f"window {win.key!r} already has "
+                                f"{len(win.models)} models (limits.max_models)", msg.model)
+
+    def _done(self, win: Window, model: str, now: float) -> bool:
+        if self.expected:
+            return len(win.models) >= self.expected
+        seen = self.last_seen
+        seen[model] = now
+        seen.move_to_end(model)
+        if len(seen) > self.max_models:
+            seen.popitem(last=False)
+        return now - self.start >= self.cfg.recent_s and self._covers(win, now)
 
     def expire(self, now: float) -> list[Closed]:
         """Close every window whose deadline has passed."""

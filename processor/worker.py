@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .aggregate import create as create_strategy
+from .aggregate import use_one_thread
 from .config import Config
 from .errors import RejectedError
 from .ledger import Ledger
@@ -272,6 +273,7 @@ class Worker:
 
     async def run(self, stop: asyncio.Event, started: asyncio.Event | None = None) -> None:
         """Serve until `stop` is set; then publish what has its quorum and close."""
+        use_one_thread()
         async with self.transport:
             self.metrics.ready.set(1 if self.transport.ready else 0)
             if started is not None:

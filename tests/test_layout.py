@@ -53,3 +53,14 @@ def test_no_core_module_imports_a_transport_or_an_app_even_lazily():
         for name in _imports(ROOT / "processor" / f"{m}.py"):
             assert not name.startswith(("transports", ".apps", "processor.apps", "zmq",
                                         "nats")), (m, name)
+
+
+def test_importing_the_worker_leaves_torch_threads_alone():
+    # Only a running worker sets one thread (processor.aggregate.use_one_thread).
+    code = ("import torch\nn = torch.get_num_threads()\n"
+            "import processor.worker, processor.aggregate, processor.apps.cli\n"
+            "print(n == torch.get_num_threads() and n > 1)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                         text=True, check=True, timeout=60,
+                         env={"OMP_NUM_THREADS": "2", "PATH": "/usr/bin:/bin"}).stdout
+    assert out.strip() == "True"

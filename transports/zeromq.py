@@ -29,6 +29,8 @@ from typing import Any, Self
 import zmq
 
 from processor.config import Config
+
+Socket = zmq.Socket[bytes]
 from processor.errors import ConfigError
 
 from .base import MAX_BURST, Envelope, RejectHook
@@ -37,7 +39,7 @@ from .base import MAX_BURST, Envelope, RejectHook
 class ZmqTransport:
     acks = False
 
-    def __init__(self, cfg: Config, on_reject: RejectHook, context: zmq.Context | None = None
+    def __init__(self, cfg: Config, on_reject: RejectHook, context: zmq.Context[Socket] | None = None
                  ) -> None:
         self.cfg = cfg.transport.zmq
         self.topics = {cfg.topics.logits.encode(): cfg.topics.logits,
@@ -49,8 +51,8 @@ class ZmqTransport:
         self.ready = False
         self.sub_endpoint = ""
         self.pub_endpoint = ""
-        self._sub: zmq.Socket | None = None
-        self._pub: zmq.Socket | None = None
+        self._sub: Socket | None = None
+        self._pub: Socket | None = None
         self._readable = asyncio.Event()
         self._auth: Any = None
         # Wait up to this long inside ZeroMQ's own poll before going back to the event loop:
@@ -94,7 +96,7 @@ class ZmqTransport:
         self.ready = True
         return self
 
-    def _curve(self, sock: zmq.Socket, server: bool) -> None:
+    def _curve(self, sock: Socket, server: bool) -> None:
         c = self.cfg
         public, secret = _certificate(c.curve_secret_file, "transport.zmq.curve_secret_file")
         if secret is None:
@@ -186,7 +188,7 @@ class ZmqTransport:
         return None
 
 
-def _pollin(sock: zmq.Socket) -> bool:
+def _pollin(sock: Socket) -> bool:
     return bool(int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN)
 
 
@@ -210,7 +212,7 @@ def generate_keys(folder: str, name: str) -> tuple[str, str]:
     return str(public), str(secret)
 
 
-def _attach(sock: zmq.Socket, endpoint: str, bind: bool, key: str) -> str:
+def _attach(sock: Socket, endpoint: str, bind: bool, key: str) -> str:
     """Bind or connect; an address that cannot be used is the config's fault (its key)."""
     try:
         if bind:
@@ -225,5 +227,5 @@ def _attach(sock: zmq.Socket, endpoint: str, bind: bool, key: str) -> str:
     except zmq.ZMQError as e:
         verb = "bind" if bind else "connect to"
         hint = " (another worker there?)" if e.errno == zmq.EADDRINUSE else ""
-        raise ConfigError(key, f"cannot {verb} {endpoint}: {zmq.strerror(e.errno)}{hint}"
-                          ) from None
+        why = zmq.strerror(e.errno) if e.errno is not None else str(e)
+        raise ConfigError(key, f"cannot {verb} {endpoint}: {why}{hint}") from None

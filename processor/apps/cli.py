@@ -211,12 +211,6 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_nats(args: argparse.Namespace) -> int:
-    from transports.natsio import main as nats_main
-
-    return nats_main(args.rest)
-
-
 def cmd_study(args: argparse.Namespace) -> int:
     from .study import run_study
 
@@ -301,8 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "streams and consumers (setup), sum every worker's "
                                    "contribution (get), and more; see "
                                    "'swarm-aggregator nats --help'.", add_help=False)
+    # (main hands `nats ...` to the helper's own command line before this parser runs;
+    # the entry is here for --help)
     n.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of the NATS helper")
-    n.set_defaults(func=cmd_nats)
 
     s = sub.add_parser("study", help="compare the aggregation rules on a mixed swarm",
                        description="Run the demo's toy environment, without a transport, "
