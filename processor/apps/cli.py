@@ -202,6 +202,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
                         batch=args.batch, seed=args.seed, quiet=args.quiet, stop=stop)
 
 
+def cmd_swergio_server(args: argparse.Namespace) -> int:
+    stop = threading.Event()
+    with _stop_on_signals(stop.set):
+        from .swergio_server import ServerConfig, run_server
+
+        cfg = ServerConfig(host=args.host, port=args.port, header_length=args.header_length,
+                           max_message_bytes=args.max_message_bytes,
+                           max_buffer_bytes=args.max_buffer_bytes,
+                           logging_room=not args.no_logging_room)
+        try:
+            cfg.check()
+        except ValueError as e:
+            print(f"swarm-aggregator swergio-server: {e}", file=sys.stderr)
+            return 2
+        _setup_logging("INFO")
+        return run_server(cfg, stop)
+
+
 def cmd_keys(args: argparse.Namespace) -> int:
     from transports.zeromq import generate_keys
 
@@ -280,6 +298,33 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--xpub", default="tcp://127.0.0.1:5558",
                    help="where subscribers connect (default %(default)s)")
     x.set_defaults(func=cmd_proxy)
+
+    w = sub.add_parser("swergio-server", help="a swergio 0.0.2 room server without the stalls",
+                       description="Serve swergio 0.0.2's rooms (REGISTER, JOINROOM, "
+                                   "LEAVEROOM, DISCONNECT, _command, _logging; routing by "
+                                   "TO_ROOM and TO) to unchanged swergio clients: in place of "
+                                   "the example's 01_server.py. Each frame goes out in one "
+                                   "write with TCP_NODELAY, TCP_QUICKACK before each read; a "
+                                   "client that stops reading is disconnected past "
+                                   "--max-buffer-bytes, never waited for. Until Ctrl-C or "
+                                   "SIGTERM.")
+    w.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default %(default)s; the protocol has no "
+                        "authentication: keep it on loopback or a private network)")
+    w.add_argument("--port", type=int, default=8080,
+                   help="port (default %(default)s, the example's; 0 = any free port)")
+    w.add_argument("--header-length", type=int, default=10,
+                   help="bytes of the frame header, as the clients' (default %(default)s)")
+    w.add_argument("--max-message-bytes", type=int, default=16 * 1024 * 1024,
+                   help="larger frames are read and thrown away, counted (default "
+                        "%(default)s, the worker's limits.max_message_bytes)")
+    w.add_argument("--max-buffer-bytes", type=int, default=64 * 1024 * 1024,
+                   help="unread bytes a client may owe before it is disconnected "
+                        "(default %(default)s)")
+    w.add_argument("--no-logging-room", action="store_true",
+                   help="do not copy DATA/FORWARD and DATA/GRADIENT messages into the room "
+                        "_logging (swergio's Server(enable_logging=False))")
+    w.set_defaults(func=cmd_swergio_server)
 
     k = sub.add_parser("keys", help="generate a CurveZMQ key pair",
                        description="Write NAME.key (public) and NAME.key_secret (secret) into "
