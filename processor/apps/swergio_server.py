@@ -55,6 +55,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import socket
 import sys
 import threading
@@ -252,9 +253,9 @@ class SwergioServer:
             if sock is not None:
                 sock.setsockopt(socket.IPPROTO_TCP, QUICKACK, 1)
             if n > limit:
-                await self._discard(reader, n)
                 self._drop(conn, "too_large", f"a frame of {n} bytes > --max-message-bytes "
                                               f"{limit}; discarded")
+                await self._discard(reader, n)
                 continue
             body = await reader.readexactly(n)
             self.stats["frames"] += 1
@@ -437,8 +438,11 @@ async def serve(cfg: ServerConfig, stop: threading.Event) -> int:
     try:
         host, port = await server.start()
     except OSError as e:
+        # asyncio words it "error while attempting to bind on address ...": the system's
+        # own words are the ones a user searches for.
+        reason = os.strerror(e.errno) if e.errno else str(e)
         print(f"swarm-aggregator swergio-server: cannot listen on {cfg.host}:{cfg.port}: "
-              f"{e.strerror or e}", file=sys.stderr)
+              f"{reason}", file=sys.stderr)
         return 2
     log.info("swergio-server: listening on %s:%d (swergio 0.0.2 rooms, %d-byte headers, "
              "messages up to %s, up to %s unread per client, _logging copies %s)",
