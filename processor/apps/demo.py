@@ -4,7 +4,8 @@ The environment has B parallel environments; at each step each one hides a targe
 and pays reward 1 when the swarm's action hits it. Model i knows the target with
 probability skill_i and otherwise favours a random action, so its logits are informative
 in proportion to its skill. Everything runs over real ZeroMQ sockets on 127.0.0.1: the
-worker in this process's event loop, models and environment in a thread. At the end the
+worker in this process's event loop, models and environment in a thread, as peers of the
+client library (`processor.client`). At the end the
 evolution request (`CMD: GET`) fetches the contribution ledger, printed as a leaderboard:
 the skilled models should rank first.
 
@@ -20,11 +21,12 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, TextIO
+from typing import TextIO
 
 import numpy as np
-import orjson
-import zmq
+
+from ..client import Environment, Model, NoReply, Swarm
+from ..config import Config
 
 
 @dataclass
@@ -67,17 +69,14 @@ def toy_logits(rng: np.random.Generator, skill: np.ndarray, target: np.ndarray,
 
 
 class Simulation:
-    """Models and environment, driven from one thread over synchronous ZeroMQ sockets.
+    """Models and environment, driven from one thread through the client library.
 
-    `run()` creates, uses and closes its sockets in the calling thread: ZeroMQ sockets are
-    not thread-safe, and closing them from another thread while this one still polls them
-    is what made Ctrl-C end in "Socket operation on non-socket" or hang. `stop` ends the
-    steps; `run()` then still fetches the leaderboard (the worker must keep serving until
-    `run()` returns) and closes its sockets before returning.
+    `run()` opens, uses and closes its swarm (a ZeroMQ PUB and SUB) in the calling thread:
+    ZeroMQ sockets are not thread-safe, and closing them from another thread while this one
+    still polls them is what made Ctrl-C end in "Socket operation on non-socket" or hang.
+    `stop` ends the steps; `run()` then still fetches the leaderboard (the worker must keep
+    serving until `run()` returns) and closes its swarm before returning.
     """
-
-    pub: zmq.Socket[bytes]  # to the worker's SUB; exists while run() runs
-    sub: zmq.Socket[bytes]  # from the worker's PUB; exists while run() runs
 
     def __init__(self, models: int, actions: int, batch: int, steps: int, seed: int,
                  out: TextIO | None, stop: threading.Event | None = None) -> None:
@@ -89,63 +88,41 @@ class Simulation:
         self.stop = stop if stop is not None else threading.Event()
         self.result = DemoResult(skills=self.skills)
 
-    def _recv(self, topic: bytes, timeout_s: float) -> dict[str, Any] | None:
-        end = time.monotonic() + timeout_s
-        while (left := end - time.monotonic()) > 0:
-            if not self.sub.poll(int(left * 1000) + 1):
-                continue
-            t, body = self.sub.recv_multipart()
-            if t == topic:
-                obj: dict[str, Any] = orjson.loads(body)
-                return obj
-        return None
-
-    def _ask(self) -> dict[str, float] | None:
-        self.pub.send_multipart([b"evolution", orjson.dumps({"CMD": "GET"})])
-        reply = self._recv(b"evolution", 0.2)
-        return None if reply is None else reply.get("CONTRIBUTION", {})
-
-    def handshake(self, timeout_s: float = 10.0) -> bool:
-        """Send GET until a reply comes back: both directions are then subscribed."""
+    def ready(self, swarm: Swarm, timeout_s: float = 10.0) -> bool:
+        """PEEK until the worker answers (the slow joiner), or until `stop`."""
         end = time.monotonic() + timeout_s
         while time.monotonic() < end and not self.stop.is_set():
-            if self._ask() is not None:
+            try:
+                swarm.ready(timeout=0.5)
                 return True
+            except NoReply:
+                continue
         return False
 
-    def run(self, sub_endpoint: str, pub_endpoint: str) -> DemoResult:
-        """Handshake, steps until `steps` or `stop`, then the final GET; errors go in result."""
+    def run(self, cfg: Config) -> DemoResult:
+        """Handshake, steps until `steps` or `stop`, then the final GET; errors go in result.
+
+        `cfg`: the worker's config, with the addresses its sockets are bound to."""
         res = self.result
-        ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-        self.pub = ctx.socket(zmq.PUB)
-        self.sub = ctx.socket(zmq.SUB)
         try:
-            self.pub.connect(sub_endpoint)
-            self.sub.connect(pub_endpoint)
-            self.sub.setsockopt(zmq.SUBSCRIBE, b"action")
-            self.sub.setsockopt(zmq.SUBSCRIBE, b"evolution")
-            if not self.handshake():
-                if not self.stop.is_set():  # stopped before the first step: no failure
-                    res.error = "the worker did not answer on loopback"
-                return res
-            self._loop(res)
-            for _ in range(20):
-                contribution = self._ask()
-                if contribution is not None:
-                    res.contribution = contribution
-                    break
+            with Swarm(cfg) as swarm:
+                env, evo = swarm.environment(), swarm.evolution()
+                models = [swarm.model(n, deterministic=True) for n in self.skills]
+                if not self.ready(swarm):
+                    if not self.stop.is_set():  # stopped before the first step: no failure
+                        res.error = "the worker did not answer on loopback"
+                    return res
+                self._loop(res, models, env)
+                try:
+                    res.contribution = evo.get(timeout=4.0)["CONTRIBUTION"]
+                except NoReply:
+                    pass
         except Exception as e:  # noqa: BLE001 - reported to the user, then the demo stops
             res.error = f"{type(e).__name__}: {e}"
-        finally:
-            # Nothing unsent matters now: linger 0, so term() cannot wait on a gone worker.
-            self.pub.close(0)
-            self.sub.close(0)
-            ctx.term()
         return res
 
-    def _loop(self, res: DemoResult) -> None:
-        names = list(self.skills)
-        skill = np.array([self.skills[n] for n in names])
+    def _loop(self, res: DemoResult, models: list[Model], env: Environment) -> None:
+        skill = np.array([self.skills[m.id] for m in models])
         a, b = self.actions, self.batch
         hits = 0
         t0 = last_print = time.monotonic()
@@ -153,13 +130,12 @@ class Simulation:
         while not self.stop.is_set() and (self.steps == 0 or step < self.steps):
             target = self.rng.integers(a, size=b)
             logits = toy_logits(self.rng, skill, target, a)
-            for i, n in enumerate(names):
-                rows: Any = logits[i].tolist() if b > 1 else logits[i, 0].tolist()
-                self.pub.send_multipart([b"logits", orjson.dumps(
-                    {"LOGITS": rows, "COMPONENT_ID": n, "DETERMINISTIC": True, "STEP": step})])
+            for i, model in enumerate(models):
+                model.send(logits[i] if b > 1 else logits[i, 0], step)
             sent = time.monotonic()
-            reply = self._recv(b"action", 5.0)
-            if reply is None:
+            try:
+                reply = env.wait(step, timeout=5.0)
+            except NoReply:
                 res.error = f"no action for step {step} within 5 s"
                 return
             res.latencies.append(time.monotonic() - sent)
@@ -205,7 +181,7 @@ async def _serve(sim: Simulation, models: int) -> DemoResult:
     # brings torch, seconds of start-up a load generator does not need.
     from transports.zeromq import ZmqTransport
 
-    from ..config import from_mapping
+    from ..config import from_mapping, replace
     from ..worker import Worker
 
     cfg = from_mapping({
@@ -226,8 +202,10 @@ async def _serve(sim: Simulation, models: int) -> DemoResult:
         await task  # raises the worker's error
         raise RuntimeError("the worker stopped before it started")
     loop = asyncio.get_running_loop()
-    simulation = loop.run_in_executor(None, sim.run, transport.sub_endpoint,
-                                      transport.pub_endpoint)
+    # The peers' config is the worker's, with the ports its sockets were bound to.
+    peers = replace(cfg, transport={"zmq": {"sub": transport.sub_endpoint,
+                                            "pub": transport.pub_endpoint}})
+    simulation = loop.run_in_executor(None, sim.run, peers)
     try:
         # Shielded: a cancelled wait must not abandon a thread that still uses its sockets.
         return await asyncio.shield(simulation)
