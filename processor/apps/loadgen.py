@@ -8,9 +8,10 @@ run with `window.key = ["ENV_ID", "STEP"]` and a deadline. Optional faults make 
 of the dashboard move: models that skip a step (partial windows), malformed or duplicate or
 late messages (rejections, by reason), and a periodic evolution `GET`.
 
-Sockets: a PUB that connects to the worker's SUB (or the proxy's XSUB) and a SUB that
-connects to the worker's PUB (or the proxy's XPUB); it keeps only actions whose ENV_ID is
-its own, so several generators can share one proxy.
+It is a peer of the client library (`processor.client`) on ZeroMQ: a PUB that connects
+to the worker's SUB (or the proxy's XSUB) and a SUB that connects to the worker's PUB (or
+the proxy's XPUB); it keeps only actions whose ENV_ID is its own, so several generators can
+share one proxy.
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 import numpy as np
-import orjson
-import zmq
 
+from ..client import NoReply, Swarm
+from ..config import from_mapping
 from .demo import skills_for, toy_logits
 
 PENDING_MAX = 10_000  # steps awaiting their action; older ones count as missed
@@ -57,17 +58,12 @@ class LoadGenerator:
                  batch: int = 1, rate: float = 100.0, skip: float = 0.0,
                  bad_rate: float = 0.0, get_every: float = 0.0, env_id: str = "env-0",
                  seed: int = 0, out: TextIO | None = None, report_every: float = 5.0,
-                 context: zmq.Context | None = None,
                  stop: threading.Event | None = None) -> None:
-        self.ctx = context or zmq.Context.instance()
-        self.pub = self.ctx.socket(zmq.PUB)
-        self.pub.setsockopt(zmq.LINGER, 0)
-        self.pub.connect(pub)
-        self.sub = self.ctx.socket(zmq.SUB)
-        self.sub.setsockopt(zmq.LINGER, 0)
-        self.sub.connect(sub)
-        for t in (b"action", b"evolution"):
-            self.sub.setsockopt(zmq.SUBSCRIBE, t)
+        cfg = from_mapping({"window": {"key": ["ENV_ID", "STEP"]}})
+        self.swarm = Swarm(cfg, endpoints=(pub, sub))
+        self.env = self.swarm.environment()
+        # Its periodic GETs are fire-and-forget: the replies are read as they come.
+        self.replies = self.swarm.subscribe(cfg.topics.evolution)
         self.endpoints = (pub, sub)
         self.models, self.actions, self.batch = models, actions, batch
         self.rate, self.skip, self.bad_rate, self.get_every = rate, skip, bad_rate, get_every
@@ -75,6 +71,7 @@ class LoadGenerator:
         self.rng = np.random.default_rng(seed + 1)
         self.skills = skills_for(models, seed)
         self.names = list(self.skills)
+        self.peers = {n: self.swarm.model(n, deterministic=True) for n in self.names}
         self.silent: set[str] = set()
         self.out = out
         self.report_every = report_every
@@ -85,38 +82,19 @@ class LoadGenerator:
         self._inject: list[str] = []
 
     def close(self) -> None:
-        self.pub.close(0)
-        self.sub.close(0)
+        self.swarm.close()
 
     # -- wire ---------------------------------------------------------------------------
 
-    def _send(self, topic: bytes, obj: Any) -> None:
-        body = obj if isinstance(obj, bytes) else orjson.dumps(obj)
-        self.pub.send_multipart([topic, body])
-
     def _drain(self, timeout_s: float = 0.0) -> None:
-        """Take every message waiting (waiting up to timeout_s for the first)."""
-        sub = self.sub
-        if not sub.poll(int(timeout_s * 1000)):
-            return
+        """Take every action and reply waiting (waiting up to timeout_s for the first)."""
+        actions = self.env.drain(timeout_s)
         now = time.monotonic()
-        while True:
-            try:
-                topic, body = sub.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            except ValueError:
-                continue  # not two frames: not for us
-            try:
-                obj = orjson.loads(body)
-            except orjson.JSONDecodeError:
-                continue
-            if not isinstance(obj, dict):
-                continue
-            if topic == b"action":
-                self._action(obj, now)
-            elif topic == b"evolution" and isinstance(obj.get("CONTRIBUTION"), dict):
-                self.stats.contribution = obj["CONTRIBUTION"]
+        for obj in actions:
+            self._action(obj, now)
+        for reply in self.replies.drain():
+            if isinstance(reply, dict) and isinstance(reply.get("CONTRIBUTION"), dict):
+                self.stats.contribution = reply["CONTRIBUTION"]
 
     def _action(self, obj: dict[str, Any], now: float) -> None:
         if obj.get("ENV_ID") != self.env_id:
@@ -136,18 +114,15 @@ class LoadGenerator:
             s.decided += len(target)
 
     def handshake(self, timeout_s: float = 30.0) -> bool:
-        """Send GET until the worker answers: both directions are then subscribed."""
+        """PEEK until the worker answers (the slow joiner); 0 waits for ever, `stop` ends it."""
         end = time.monotonic() + timeout_s if timeout_s > 0 else float("inf")
         next_note = time.monotonic() + 5.0
         while time.monotonic() < end and not self.stop.is_set():
-            self._send(b"evolution", {"CMD": "GET"})
-            deadline = time.monotonic() + 0.2
-            while (left := deadline - time.monotonic()) > 0:
-                if not self.sub.poll(int(left * 1000) + 1):
-                    break
-                topic, body = self.sub.recv_multipart()
-                if topic == b"evolution" and b"CONTRIBUTION" in body:
-                    return True
+            try:
+                self.swarm.ready(timeout=min(0.5, max(0.0, end - time.monotonic())))
+                return True
+            except NoReply:
+                pass
             if self.out is not None and time.monotonic() >= next_note:
                 next_note = time.monotonic() + 5.0
                 self._print(f"loadgen: waiting for a worker (logits to {self.endpoints[0]}, "
@@ -165,22 +140,20 @@ class LoadGenerator:
         skips = self.rng.random(len(self.names)) < self.skip if self.skip > 0 else None
         silent = self.silent
         inject, self._inject = self._inject, []
+        key = (self.env_id, step)
         for i, n in enumerate(self.names):
             if n in silent or (skips is not None and skips[i]):
                 continue
-            rows: Any = logits[i].tolist() if b > 1 else logits[i, 0].tolist()
-            msg = {"LOGITS": rows, "COMPONENT_ID": n, "DETERMINISTIC": True,
-                   "ENV_ID": self.env_id, "STEP": step}
-            self._send(b"logits", msg)
+            rows = logits[i] if b > 1 else logits[i, 0]
+            self.peers[n].send(rows, key)
             # Faults that need an open window go in after its first message.
             for kind in inject:
                 if kind == "duplicate":
-                    self._send(b"logits", msg)
+                    self.peers[n].send(rows, key)
                 else:  # shape: one action too many, from a model not in the window
                     wide = np.concatenate([logits[i], np.zeros((b, 1))], axis=1)
-                    self._send(b"logits", {**msg, "COMPONENT_ID": FAULTY_MODEL,
-                                           "LOGITS": wide.tolist() if b > 1
-                                           else wide[0].tolist()})
+                    self.swarm.model(FAULTY_MODEL, deterministic=True).send(
+                        wide if b > 1 else wide[0], key)
             inject = []
         self._pending[step] = (time.monotonic(), target)
         if len(self._pending) > PENDING_MAX:
@@ -205,15 +178,15 @@ class LoadGenerator:
         back = int(self.rate * 10) + 1
         if kind == "late" and step < back:
             kind = "not_json"
+        logits = self.swarm.topics.logits
         if kind == "not_json":
-            self._send(b"logits", b"\x00not json")
+            self.swarm.publish(logits, b"\x00not json")
         elif kind == "missing_field":
-            self._send(b"logits", {"LOGITS": row, **key})
+            self.swarm.publish(logits, {"LOGITS": row, **key})
         elif kind == "bad_logits":
-            self._send(b"logits", {"LOGITS": [], "COMPONENT_ID": self.names[0], **key})
+            self.swarm.publish(logits, {"LOGITS": [], "COMPONENT_ID": self.names[0], **key})
         elif kind == "late":
-            self._send(b"logits", {"LOGITS": row, "COMPONENT_ID": self.names[0],
-                                   "ENV_ID": self.env_id, "STEP": step - back})
+            self.peers[self.names[0]].send(row, (self.env_id, step - back))
         else:
             self._inject.append(kind)
 
@@ -239,7 +212,7 @@ class LoadGenerator:
                 self.bad(step)
                 next_bad += bad_period
             if now >= next_get:
-                self._send(b"evolution", {"CMD": "GET"})
+                self.swarm.publish(self.swarm.topics.evolution, {"CMD": "GET"})
                 next_get += self.get_every
             if self.out is not None and now >= next_report:
                 last = self._report(now, last)

@@ -309,6 +309,14 @@ class AsyncSubscription:
                                          f"nothing on {self.topic}")
         return got[0]
 
+    def drain(self) -> list[Any]:
+        """Every message that has arrived and is not taken yet, without waiting."""
+        queue = self.swarm.inbox.topics.get(self.topic)
+        out = list(queue or ())
+        if queue:
+            queue.clear()
+        return out
+
     def __aiter__(self) -> AsyncSubscription:
         return self
 

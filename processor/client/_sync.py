@@ -387,6 +387,15 @@ class Subscription:
 
         return s._until(take, deadline, f"nothing on {self.topic} within {timeout} s")[0]
 
+    def drain(self) -> list[Any]:
+        """Every message that has arrived and is not taken yet, without waiting."""
+        self.swarm.pump(0.0)
+        queue = self.swarm.inbox.topics.get(self.topic)
+        out = list(queue or ())
+        if queue:
+            queue.clear()
+        return out
+
     def __iter__(self) -> Subscription:
         return self
 
