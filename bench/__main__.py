@@ -13,6 +13,14 @@ Sections (all by default, in this order; `--only a,b` picks some):
 - kernel            SumProbs per window (1 vs 64, 256 windows per call) and the decoding
                     cost per message, in this process.
 
+Opt-in (only with `--only`; about 2 minutes, most of it waiting on the original server):
+
+- swergio_server    round trips of two unchanged swergio clients through the swergio 0.0.2
+                    server and `swarm-aggregator swergio-server`; the RLGym example's
+                    pipeline (environment, 6 models, evolution) with (a) the original
+                    server and aggregator, (b) the original server and the worker, (c)
+                    our server and the worker: steps/s side by side.
+
 Every figure is the median of `--repeats` runs with its min-max. Everything runs on
 127.0.0.1 with ports chosen at run time; every process started is stopped at the end.
 `--quick` is a tiny configuration (one repeat, few steps) for a smoke test.
@@ -37,6 +45,7 @@ from . import report
 from .common import ROOT, Plan
 
 SECTIONS = ("zmq_lockstep", "zmq_pipelined", "swergio_lockstep", "metrics", "kernel")
+OPT_IN = ("swergio_server",)  # run only when named in --only
 DEFAULT_OUT = ROOT / "bench" / "results" / "latest.json"
 
 
@@ -50,6 +59,9 @@ def _runner(name: str) -> Callable[[Plan], dict[str, Any]]:
     if name == "metrics":
         from .zmq_bench import metrics_section
         return metrics_section
+    if name == "swergio_server":
+        from .swergio_server_bench import section as swergio_server_section
+        return swergio_server_section
     if name == "swergio_lockstep":
         from .swergio_bench import lockstep_section as swergio_section
         return swergio_section
@@ -106,19 +118,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true",
                    help="tiny configuration: one repeat, few steps, small sizes")
     p.add_argument("--only", default="",
-                   help=f"comma-separated sections to run (of: {', '.join(SECTIONS)})")
+                   help=f"comma-separated sections to run (of: {', '.join(SECTIONS)}; "
+                        f"opt-in: {', '.join(OPT_IN)})")
     p.add_argument("--repeats", type=int,
                    help="repeats of every figure (default 3, kernel and metrics 5; --quick 1)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT,
                    help="JSON output file (default %(default)s)")
     args = p.parse_args(argv)
     only = [s.strip() for s in args.only.split(",") if s.strip()]
-    unknown = [s for s in only if s not in SECTIONS]
+    unknown = [s for s in only if s not in SECTIONS + OPT_IN]
     if unknown:
-        p.error(f"unknown section(s) {', '.join(unknown)}; valid: {', '.join(SECTIONS)}")
+        p.error(f"unknown section(s) {', '.join(unknown)}; valid: "
+                f"{', '.join(SECTIONS + OPT_IN)}")
     if args.repeats is not None and args.repeats < 1:
         p.error("--repeats must be at least 1")
-    args.sections = [s for s in SECTIONS if s in only] if only else list(SECTIONS)
+    args.sections = [s for s in SECTIONS + OPT_IN if s in only] if only else list(SECTIONS)
     return args
 
 

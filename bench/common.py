@@ -49,6 +49,15 @@ class Plan:
     swergio_steps: int = 2000
     swergio_max_s: float = 4.0
     swergio_warmup: int = 50
+    # swergio_server (opt-in): round trips, and the RLGym pipeline's steps per set-up
+    server_rounds: int = 2000                        # per repeat, at most ...
+    server_rounds_max_s: float = 3.0                 # ... or this long
+    server_rounds_warmup: int = 3
+    rlgym_models: int = 6
+    rlgym_steps_slow: int = 60                       # with the original server
+    rlgym_steps_fast: int = 600                      # with ours
+    rlgym_warmup: int = 5
+    rlgym_timeout_s: float = 120.0
     # kernel
     kernel_actions: tuple[int, ...] = (2, 18, 1000)
     kernel_batches: tuple[int, ...] = (64, 256)
@@ -68,7 +77,9 @@ class Plan:
                    swergio_steps=100, swergio_max_s=1.5, swergio_warmup=10,
                    kernel_actions=(2, 18), kernel_batches=(64,), decode_actions=(18, 1000),
                    timing_s=0.02, kernel_repeats=1, metrics_repeats=1,
-                   scrape_interval_s=0.2)
+                   scrape_interval_s=0.2, server_rounds=200, server_rounds_max_s=1.0,
+                   server_rounds_warmup=1, rlgym_steps_slow=10, rlgym_steps_fast=60,
+                   rlgym_warmup=2)
 
     def with_repeats(self, repeats: int | None) -> Plan:
         """Every section repeated `repeats` times (None: the plan's own counts)."""

@@ -94,6 +94,27 @@ def swergio_lockstep(r: dict[str, Any]) -> list[str]:
              "QUICKACK, the delayed-ACK stall)")]
 
 
+def swergio_server(r: dict[str, Any]) -> list[str]:
+    c, rt, p = r["config"], r["round_trip"], r["pipeline"]
+    rows = [[name, fig(rt[name]["p50_us"]), fig(rt[name]["p99_us"]),
+             fig(rt[name]["steps_per_s"]), cpu(rt[name], "server")]
+            for name in ("original", "ours")]
+    out = [f"swergio_server: round trips of two unchanged swergio 0.0.2 clients "
+           f"({c['round_trip']})",
+           *table(["server", "p50 µs", "p99 µs", "round trips/s", "server CPU"], rows),
+           f"  original/ours {rt['ratio_original_ours_p50']:.0f}x p50", ""]
+    rows = [[k, c["setups"][k], str(c["steps"][k]), fig(p[k]["steps_per_s"]),
+             cpu(p[k], "server"), cpu(p[k], "peer"), str(p[k]["evolution_rounds"])]
+            for k in ("a", "b", "c")]
+    out += [f"  RLGym pipeline: environment, M={c['models']} models, aggregation, evolution "
+            f"as swergio clients ({c['clients']})",
+            *table(["", "set-up", "steps", "steps/s", "server CPU", "agg CPU",
+                    "evolution rounds"], rows),
+            f"  c/a {p['ratio_c_a_steps_per_s']:.1f}x, b/a {p['ratio_b_a_steps_per_s']:.2f}x, "
+            f"c/b {p['ratio_c_b_steps_per_s']:.1f}x steps/s"]
+    return out
+
+
 def kernel(r: dict[str, Any]) -> list[str]:
     c = r["config"]
     batches = [k for k in r["aggregate"][0] if k.startswith("batch_")] if r["aggregate"] else []
@@ -131,6 +152,7 @@ def metrics(r: dict[str, Any]) -> list[str]:
 RENDER: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "zmq_lockstep": zmq_lockstep, "zmq_pipelined": zmq_pipelined,
     "swergio_lockstep": swergio_lockstep, "kernel": kernel, "metrics": metrics,
+    "swergio_server": swergio_server,
 }
 
 
