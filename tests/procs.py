@@ -9,12 +9,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import orjson
-import zmq
+
+from processor.client import Swarm
+from processor.config import from_mapping
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,49 +72,27 @@ def worker_env(**keys: object) -> dict[str, str]:
     return out
 
 
-class ZmqPeer:
-    """Models, environment and evolution in one: a PUB towards the worker, a SUB from it."""
+def zmq_swarm(publish_to: str | int, subscribe_to: str | int, key: Sequence[str] = (),
+              ready: bool = True, hwm: int | None = None, **options: Any) -> Swarm:
+    """A client swarm (processor.client) that publishes to `publish_to` (the worker's SUB,
+    or the proxy's XSUB) and reads `subscribe_to` (the worker's PUB, or the proxy's XPUB);
+    a port number means 127.0.0.1. Its environment and evolution are joined and, unless
+    `ready=False`, the slow joiner is waited out. `hwm`: both sockets' high-water mark."""
+    def addr(p: str | int) -> str:
+        return p if isinstance(p, str) else f"tcp://127.0.0.1:{p}"
 
-    def __init__(self, pub_to: str, sub_from: str) -> None:
-        self.ctx = zmq.Context()
-        self.pub = self.ctx.socket(zmq.PUB)
-        self.pub.connect(pub_to)
-        self.sub = self.ctx.socket(zmq.SUB)
-        self.sub.connect(sub_from)
-        for t in (b"action", b"evolution"):
-            self.sub.setsockopt(zmq.SUBSCRIBE, t)
-
-    def close(self) -> None:
-        self.pub.close(0)
-        self.sub.close(0)
-        self.ctx.term()
-
-    def send(self, topic: str, obj: object) -> None:
-        body = obj if isinstance(obj, bytes) else orjson.dumps(obj)
-        self.pub.send_multipart([topic.encode(), body])
-
-    def recv(self, topic: str, timeout: float = 5.0) -> dict | None:
-        end = time.monotonic() + timeout
-        while (left := end - time.monotonic()) > 0:
-            if self.sub.poll(int(left * 1000) + 1):
-                t, body = self.sub.recv_multipart()
-                obj = orjson.loads(body)
-                if t.decode() == topic and (topic != "evolution" or "CONTRIBUTION" in obj):
-                    return obj
-        return None
-
-    def handshake(self, timeout: float = 20.0) -> dict:
-        """GET until answered: then both directions are connected and subscribed.
-
-        Returns the first reply (it resets the ledger, which is empty at this point).
-        """
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            self.send("evolution", {"CMD": "GET"})
-            reply = self.recv("evolution", 0.1)
-            if reply is not None:
-                return reply
-        raise TimeoutError("the worker never answered a GET")
+    zmq_keys = {} if hwm is None else {"sndhwm": hwm, "rcvhwm": hwm}
+    cfg = from_mapping({"transport": {"zmq": zmq_keys}, "window": {"key": list(key)}})
+    swarm = Swarm(cfg, endpoints=(addr(publish_to), addr(subscribe_to)), **options)
+    try:
+        swarm.environment()
+        swarm.evolution()
+        if ready:
+            swarm.ready(timeout=30)
+    except BaseException:
+        swarm.close()
+        raise
+    return swarm
 
 
 def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -6,10 +6,9 @@ import signal
 
 import numpy as np
 import pytest
-import zmq
 
+from processor.client import Swarm
 from tests.procs import (
-    ZmqPeer,
     cli,
     free_port,
     metric,
@@ -18,6 +17,7 @@ from tests.procs import (
     rss_mb,
     wait_for,
     worker_env,
+    zmq_swarm,
 )
 from tests.reference import sum_probs
 
@@ -29,14 +29,13 @@ class Worker:
 
     def __init__(self, **keys):
         self.sub, self.pub, self.mport = free_port(), free_port(), free_port()
+        self.key = keys.get("window__key", [])
         self.env = worker_env(transport__zmq__sub=f"tcp://127.0.0.1:{self.sub}",
                               transport__zmq__pub=f"tcp://127.0.0.1:{self.pub}",
                               metrics__port=self.mport, **keys)
 
-    def peer(self) -> ZmqPeer:
-        p = ZmqPeer(f"tcp://127.0.0.1:{self.sub}", f"tcp://127.0.0.1:{self.pub}")
-        p.handshake()
-        return p
+    def peer(self, **options) -> Swarm:
+        return zmq_swarm(self.sub, self.pub, key=self.key, **options)
 
     def metric(self, name, **labels):
         return metric(self.mport, name, **labels)
@@ -49,13 +48,13 @@ def test_a_dead_model_leaves_partial_actions_on_the_deadline():
         peer = w.peer()
         try:
             rng = np.random.default_rng(0)
+            env = peer.environment()
             for step in range(30):
                 alive = 3 if step < 20 else 2          # m2 dies after step 19
                 x = rng.normal(0, 2, (3, 5)).astype(np.float32)
                 for m in range(alive):
-                    peer.send("logits", {"LOGITS": x[m].tolist(), "COMPONENT_ID": f"m{m}",
-                                         "DETERMINISTIC": True, "STEP": step})
-                out = peer.recv("action", 3)
+                    peer.model(f"m{m}", deterministic=True).send(x[m], step)
+                out = env.wait(step, timeout=10)
                 assert out["STEP"] == step
                 assert out["ACTION"] == sum_probs(x[:alive, None, :])[1].tolist()
                 if step < 20:
@@ -63,8 +62,7 @@ def test_a_dead_model_leaves_partial_actions_on_the_deadline():
                 else:
                     assert out["PARTIAL"] is True and out["MODELS"] == 2
             assert w.metric("swarm_aggregator_windows_closed_total", outcome="partial") == 10
-            peer.send("evolution", {"CMD": "GET"})
-            assert peer.recv("evolution")["MISSED"] == {"m2": 10}
+            assert peer.evolution().get()["MISSED"] == {"m2": 10}
         finally:
             peer.close()
 
@@ -81,24 +79,28 @@ def test_the_proxy_restarts_and_the_pipeline_recovers():
                      "--xpub", f"tcp://127.0.0.1:{xpub}")
     addr = (f"tcp://127.0.0.1:{xsub}", f"tcp://127.0.0.1:{xpub}")
 
-    def steps(peer, first, n):
+    def steps(peer: Swarm, first: int, n: int) -> None:
         for step in range(first, first + n):
             for m, row in enumerate([[2.0, 0.0], [1.0, 0.0]]):
-                peer.send("logits", {"LOGITS": row, "COMPONENT_ID": m, "STEP": step,
-                                     "DETERMINISTIC": True})
-            out = peer.recv("action", 3)
-            assert out is not None and out["STEP"] == step and out["ACTION"] == [0]
+                peer.model(m, deterministic=True).send(row, step)
+            out = peer.environment().wait(step, timeout=10)
+            assert out["STEP"] == step and out["ACTION"] == [0]
 
     with process(cli("run"), env) as worker:
         with process(proxy_argv):
-            peer = ZmqPeer(*addr)
-            peer.handshake()
-            steps(peer, 0, 20)
+            peer = zmq_swarm(*addr, key=["STEP"])
+            try:
+                steps(peer, 0, 20)
+            except BaseException:
+                peer.close()
+                raise
         # the proxy is gone: nothing flows; the worker keeps running
         assert worker.poll() is None
-        with process(proxy_argv):
-            peer.handshake(timeout=30)   # every connect-side socket reconnects by itself
-            steps(peer, 100, 20)
+        try:
+            with process(proxy_argv):
+                peer.ready(timeout=30)   # every connect-side socket reconnects by itself
+                steps(peer, 100, 20)
+        finally:
             peer.close()
         assert worker.poll() is None
 
@@ -115,13 +117,9 @@ def test_a_flood_keeps_memory_bounded_by_the_window_cap():
                window__max_open=500, window__min_models=2, window__late_memory=1000,
                transport__zmq__rcvhwm=0)
     with process(cli("run"), w.env) as proc:
-        peer = w.peer()
-        peer.pub.close(0)
-        peer.pub = peer.ctx.socket(zmq.PUB)
-        peer.pub.setsockopt(zmq.SNDHWM, 0)
-        peer.pub.connect(f"tcp://127.0.0.1:{w.sub}")
-        peer.handshake()
+        peer = w.peer(hwm=0)
         try:
+            env = peer.environment()
             body = b'{"LOGITS": [0.5, 0.1, 0.3], "COMPONENT_ID": "half", "STEP": %d}'
             sent = barriers = 0
 
@@ -130,18 +128,14 @@ def test_a_flood_keeps_memory_bounded_by_the_window_cap():
                 barriers += 1
                 step = -barriers
                 for m in ("a", "b"):
-                    peer.send("logits", {"LOGITS": [1, 0, 0], "COMPONENT_ID": m,
-                                         "STEP": step, "DETERMINISTIC": True})
-                out = peer.recv("action", 60)
-                while out is not None and out.get("STEP") != step:
-                    out = peer.recv("action", 60)
-                assert out == {"ACTION": [0], "STEP": step}
+                    peer.model(m, deterministic=True).send([1, 0, 0], step)
+                assert env.wait(step, timeout=60) == {"ACTION": [0], "STEP": step}
 
             def flood(n: int) -> None:
                 nonlocal sent
                 for _ in range(n // 10_000):
                     for _ in range(10_000):
-                        peer.pub.send_multipart([b"logits", body % sent])
+                        peer.publish("logits", body % sent)
                         sent += 1
                     barrier()
 
@@ -167,13 +161,13 @@ def test_sigterm_mid_run_publishes_open_windows_and_exits_zero():
     with process(cli("run"), w.env) as proc:
         peer = w.peer()
         try:
+            env = peer.environment()
             for step in range(5):
                 for m in range(2):  # two of three models: the windows stay open
-                    peer.send("logits", {"LOGITS": [0.0, 1.0], "COMPONENT_ID": m,
-                                         "STEP": step, "DETERMINISTIC": True})
+                    peer.model(m, deterministic=True).send([0.0, 1.0], step)
             assert wait_for(lambda: w.metric("swarm_aggregator_open_windows") == 5)
             proc.send_signal(signal.SIGTERM)
-            got = [peer.recv("action", 30) for _ in range(5)]
+            got = [env.wait(step, timeout=30) for step in range(5)]
             assert proc.wait(30) == 0  # bounded, not timed: the machine may be busy
         finally:
             peer.close()
@@ -187,11 +181,11 @@ def test_a_64_mib_message_is_counted_and_the_worker_goes_on():
     with process(cli("run"), w.env) as proc:
         peer = w.peer()
         try:
-            peer.pub.send_multipart([b"logits", b"[" + b"1," * (32 << 20) + b"1]"])
+            peer.publish("logits", b"[" + b"1," * (32 << 20) + b"1]")
             assert wait_for(lambda: w.metric("swarm_aggregator_messages_rejected_total",
                                              reason="too_large") == 1, 30)
-            peer.send("logits", {"LOGITS": [0, 1], "COMPONENT_ID": "a", "DETERMINISTIC": True})
-            assert peer.recv("action")["ACTION"] == [1]
+            peer.model("a", deterministic=True).send([0, 1])
+            assert peer.environment().wait(timeout=10)["ACTION"] == [1]
             assert rss_mb(proc.pid) < 1000
         finally:
             peer.close()

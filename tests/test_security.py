@@ -11,27 +11,18 @@ import pytest
 import zmq
 import zmq.auth
 
+from processor.client import NoReply, Swarm
 from processor.config import Config
-from tests.procs import ZmqPeer, cli, free_port, output, process, worker_env
+from tests.procs import cli, free_port, output, process, worker_env, zmq_swarm
 
 pytestmark = pytest.mark.timeout(60)
 
 
 def curve_peer(pub_to: str, sub_from: str, keys: tuple[bytes, bytes] | None,
-               server_public: bytes) -> ZmqPeer:
-    peer = ZmqPeer.__new__(ZmqPeer)
-    peer.ctx = zmq.Context()
-    peer.pub = peer.ctx.socket(zmq.PUB)
-    peer.sub = peer.ctx.socket(zmq.SUB)
-    for s in (peer.pub, peer.sub):
-        if keys is not None:
-            s.curve_publickey, s.curve_secretkey = keys
-            s.curve_serverkey = server_public
-    peer.pub.connect(pub_to)
-    peer.sub.connect(sub_from)
-    for t in (b"action", b"evolution"):
-        peer.sub.setsockopt(zmq.SUBSCRIBE, t)
-    return peer
+               server_public: bytes) -> Swarm:
+    """A client swarm with this key pair (None: plain TCP), not yet known to answer."""
+    curve = None if keys is None else (*keys, server_public)
+    return zmq_swarm(pub_to, sub_from, ready=False, curve=curve)
 
 
 def test_only_known_peers_are_heard_with_curve(tmp_path):
@@ -59,20 +50,21 @@ def test_only_known_peers_are_heard_with_curve(tmp_path):
         bad = curve_peer(*addr, stranger, worker_public)
         plain = curve_peer(*addr, None, worker_public)
         try:
-            good.handshake()
+            good.ready(timeout=20)
             for intruder in (bad, plain):
+                replies = intruder.subscribe("evolution")
                 end = time.monotonic() + 1.5
                 while time.monotonic() < end:  # long enough for a connection to form
-                    intruder.send("logits", {"LOGITS": [0.0, 9.0], "COMPONENT_ID": "evil",
-                                             "DETERMINISTIC": True})
-                    intruder.send("evolution", {"CMD": "GET"})
+                    intruder.model("evil", deterministic=True).send([0.0, 9.0])
+                    intruder.publish("evolution", {"CMD": "GET"})
                     time.sleep(0.05)
-                assert good.recv("action", 0.3) is None        # not heard
-                assert intruder.recv("evolution", 0.3) is None  # and cannot listen either
-            good.send("logits", {"LOGITS": [5.0, 0.0], "COMPONENT_ID": "m", "DETERMINISTIC": True})
-            assert good.recv("action")["ACTION"] == [0]
-            good.send("evolution", {"CMD": "GET"})
-            assert set(good.recv("evolution")["CONTRIBUTION"]) == {"m"}
+                with pytest.raises(NoReply):
+                    good.environment().wait(timeout=0.3)   # not heard
+                with pytest.raises(NoReply):
+                    replies.get(timeout=0.3)               # and cannot listen either
+            good.model("m", deterministic=True).send([5.0, 0.0])
+            assert good.environment().wait(timeout=10)["ACTION"] == [0]
+            assert set(good.evolution().get()["CONTRIBUTION"]) == {"m"}
         finally:
             for p in (good, bad, plain):
                 p.close()

@@ -10,10 +10,9 @@ import os
 import time
 
 import numpy as np
-import orjson
 import pytest
 
-from tests.procs import ZmqPeer, cli, free_port, metric, process, rss_mb, worker_env
+from tests.procs import cli, free_port, metric, process, rss_mb, worker_env, zmq_swarm
 from tests.reference import sum_probs
 
 SECONDS = float(os.environ.get("SWARM_AGG_SOAK_SECONDS", "40"))
@@ -32,9 +31,10 @@ def test_soak_with_random_faults():
     rng = np.random.default_rng(0)
     faults = {"missing_model": 0, "duplicate": 0, "garbage": 0, "late": 0}
     with process(cli("run"), env) as proc:
-        peer = ZmqPeer(f"tcp://127.0.0.1:{sub}", f"tcp://127.0.0.1:{pub}")
+        peer = zmq_swarm(sub, pub, key=["ENV_ID", "STEP"])
         try:
-            peer.handshake()
+            env = peer.environment()
+            models = [peer.model(f"m{m}", deterministic=True) for m in range(MODELS)]
             samples: list[tuple[float, float, float]] = []  # (t, rss MiB, open windows)
             t0 = last_sample = time.monotonic()
             steps = answered = 0
@@ -48,25 +48,21 @@ def test_soak_with_random_faults():
                         senders.remove(int(rng.integers(MODELS)))   # a model misses a step
                         faults["missing_model"] += 1
                     for m in senders:
-                        msg = orjson.dumps({"LOGITS": x[m].tolist(), "COMPONENT_ID": f"m{m}",
-                                            "DETERMINISTIC": True, "ENV_ID": e, "STEP": step})
-                        peer.send("logits", msg)
+                        models[m].send(x[m], (e, step))
                         if rng.random() < 0.01:
-                            peer.send("logits", msg)                 # sent twice
+                            models[m].send(x[m], (e, step))          # sent twice
                             faults["duplicate"] += 1
                     if rng.random() < 0.02:
-                        peer.send("logits", rng.bytes(int(rng.integers(1, 200))))
+                        peer.publish("logits", rng.bytes(int(rng.integers(1, 200))))
                         faults["garbage"] += 1
                     if step > 5 and rng.random() < 0.01:
-                        peer.send("logits", {"LOGITS": x[0].tolist(), "COMPONENT_ID": "m0",
-                                             "ENV_ID": e, "STEP": step - 5})
+                        models[0].send(x[0], (e, step - 5))
                         faults["late"] += 1
                     expected[e] = (sum_probs(x[senders][:, None, :])[1].tolist(),
                                    len(senders))
                 steps += ENVS
-                for _ in range(ENVS):
-                    out = peer.recv("action", 5)
-                    assert out is not None, f"step {step}: an action is missing"
+                for e in range(ENVS):
+                    out = env.wait((e, step), timeout=5)
                     assert out["STEP"] == step
                     action, n = expected.pop(out["ENV_ID"])
                     assert out["ACTION"] == action

@@ -11,22 +11,23 @@ import numpy as np
 import orjson
 import pytest
 
-from tests.procs import ZmqPeer, cli, free_port, output, process, worker_env
+from processor.client import Swarm
+from tests.procs import cli, free_port, output, process, worker_env, zmq_swarm
 from tests.reference import sum_probs
 
 pytestmark = pytest.mark.timeout(90)
 
 
-def run_steps(peer: ZmqPeer, rng, steps: int, models: int, actions: int = 6) -> dict:
+def run_steps(swarm: Swarm, rng, steps: int, models: int, actions: int = 6) -> dict:
     """Lockstep steps; checks each action; returns the expected contribution."""
     expected: dict[str, float] = {}
-    for step in range(steps):
+    env = swarm.environment()
+    peers = [swarm.model(f"m{m}", deterministic=True) for m in range(models)]
+    for _ in range(steps):
         x = rng.normal(0, 2, (models, actions)).astype(np.float32)
-        for m in range(models):
-            peer.send("logits", {"LOGITS": x[m].tolist(), "COMPONENT_ID": f"m{m}",
-                                 "DETERMINISTIC": True})
-        out = peer.recv("action")
-        assert out is not None, f"no action for step {step}"
+        for m, model in enumerate(peers):
+            model.send(x[m])
+        out = env.wait(timeout=5)  # lockstep: the next action
         _, action, credit = sum_probs(x[:, None, :])
         assert out["ACTION"] == action.tolist()
         for m in range(models):
@@ -40,12 +41,12 @@ def test_worker_over_zmq_serves_steps_and_get_and_stops_on_sigterm():
                      transport__zmq__pub=f"tcp://127.0.0.1:{pub}",
                      window__models=5, window__timeout_ms=0, metrics__port=mport)
     with process(cli("run"), env) as proc:
-        peer = ZmqPeer(f"tcp://127.0.0.1:{sub}", f"tcp://127.0.0.1:{pub}")
+        peer = zmq_swarm(sub, pub)
         try:
-            assert peer.handshake()["CONTRIBUTION"] == {}
+            evolution = peer.evolution()
+            assert evolution.get()["CONTRIBUTION"] == {}
             expected = run_steps(peer, np.random.default_rng(0), 200, 5)
-            peer.send("evolution", {"CMD": "GET"})
-            reply = peer.recv("evolution")
+            reply = evolution.get()
             assert reply["CONTRIBUTION"] == pytest.approx(expected, abs=1e-4)
             # metrics beside it
             base = f"http://127.0.0.1:{mport}"
@@ -69,14 +70,13 @@ def test_bad_frames_do_not_stop_the_worker():
                      transport__zmq__pub=f"tcp://127.0.0.1:{pub}",
                      window__models=2, window__timeout_ms=0, metrics__port=0)
     with process(cli("run"), env) as proc:
-        peer = ZmqPeer(f"tcp://127.0.0.1:{sub}", f"tcp://127.0.0.1:{pub}")
+        peer = zmq_swarm(sub, pub)
         try:
-            peer.handshake()
-            peer.pub.send_multipart([b"logits", b"{}", b"third frame"])
-            peer.pub.send_multipart([b"logits"])
-            peer.send("logits", b"\x00\x01not json")
-            peer.send("logits", {"LOGITS": [None, 1.0], "COMPONENT_ID": "x"})
-            peer.send("logitsXL", {"LOGITS": [1, 2], "COMPONENT_ID": "x"})  # not our topic
+            peer.publish("logits", [b"{}", b"third frame"])
+            peer.publish("logits", [])   # the topic frame alone
+            peer.publish("logits", b"\x00\x01not json")
+            peer.publish("logits", {"LOGITS": [None, 1.0], "COMPONENT_ID": "x"})
+            peer.publish("logitsXL", {"LOGITS": [1, 2], "COMPONENT_ID": "x"})  # not our topic
             run_steps(peer, np.random.default_rng(1), 20, 2)
         finally:
             peer.close()
@@ -97,27 +97,17 @@ def test_through_the_proxy_many_to_many():
                      "--xpub", f"tcp://127.0.0.1:{xpub}")
     with process(proxy_argv) as proxy, process(cli("run"), env):
         # two environments on their own sockets, both through the proxy
-        peers = [ZmqPeer(f"tcp://127.0.0.1:{xsub}", f"tcp://127.0.0.1:{xpub}")
-                 for _ in range(2)]
+        peers = [zmq_swarm(xsub, xpub, key=["ENV_ID", "STEP"]) for _ in range(2)]
         try:
-            for p in peers:
-                p.handshake()
             rng = np.random.default_rng(2)
             for step in range(50):
                 xs = [rng.normal(0, 2, (3, 4)).astype(np.float32) for _ in peers]
                 for m in range(3):
                     for e, p in enumerate(peers):
-                        p.send("logits", {"LOGITS": xs[e][m].tolist(), "COMPONENT_ID": m,
-                                          "DETERMINISTIC": True, "ENV_ID": f"env{e}",
-                                          "STEP": step})
+                        p.model(m, deterministic=True).send(xs[e][m], (f"env{e}", step))
                 for e, p in enumerate(peers):
-                    # every subscriber sees every action; each keeps its own by ENV_ID
-                    mine = None
-                    while mine is None:
-                        out = p.recv("action")
-                        assert out is not None
-                        if out["ENV_ID"] == f"env{e}" and out["STEP"] == step:
-                            mine = out
+                    # every subscriber sees every action; each waits for its own step key
+                    mine = p.environment().wait((f"env{e}", step), timeout=5)
                     assert mine["ACTION"] == sum_probs(xs[e][:, None, :])[1].tolist()
         finally:
             for p in peers:
@@ -126,17 +116,16 @@ def test_through_the_proxy_many_to_many():
 
 
 def test_binary_logits_frames():
-    from processor.messages import encode_binary
-
     sub, pub, mport = free_port(), free_port(), free_port()
     env = worker_env(transport__zmq__sub=f"tcp://127.0.0.1:{sub}",
                      transport__zmq__pub=f"tcp://127.0.0.1:{pub}",
                      window__models=3, window__key=["STEP"], window__timeout_ms=0,
                      metrics__port=mport)
     with process(cli("run"), env):
-        peer = ZmqPeer(f"tcp://127.0.0.1:{sub}", f"tcp://127.0.0.1:{pub}")
+        peer = zmq_swarm(sub, pub, key=["STEP"])
         try:
-            peer.handshake()
+            env = peer.environment()
+            models = [peer.model(f"m{m}", binary=True, deterministic=True) for m in range(3)]
             rng = np.random.default_rng(5)
             for step, batch in enumerate([None, 4, None, 2] * 10):
                 shape = (3, 7) if batch is None else (3, batch, 7)
@@ -146,18 +135,15 @@ def test_binary_logits_frames():
                         x[0].tobytes()],                                        # SHAPE lies
                        [b'{"COMPONENT_ID": "z", "STEP": -1}',
                         np.array([np.nan, 1], "<f4").tobytes()]]                # NaN
-                for m in range(3):
-                    frames = encode_binary({"COMPONENT_ID": f"m{m}", "DETERMINISTIC": True,
-                                            "STEP": step}, x[m])
+                for m, model in enumerate(models):
                     if m == 1:
-                        peer.pub.send_multipart([b"logits", *bad[step % 3]])
-                    peer.pub.send_multipart([b"logits", *frames])
-                # JSON and binary models may mix in one window
-                out = peer.recv("action")
+                        peer.publish("logits", bad[step % 3])
+                    model.send(x[m], step)   # [b"logits", JSON, float32 values]
+                out = env.wait(step, timeout=5)
                 stack = x[:, None, :] if batch is None else x
                 assert out["STEP"] == step
                 assert out["ACTION"] == sum_probs(stack)[1].tolist()
-            peer.pub.send_multipart([b"logits", b"{}", b"", b"four"])
+            peer.publish("logits", [b"{}", b"", b"four"])
             time.sleep(0.3)
         finally:
             peer.close()
