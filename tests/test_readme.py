@@ -61,6 +61,10 @@ COVERAGE: dict[str, str] = {
                    "model clients, an environment and an evolution component as the RLGym "
                    "example's: each step's action is the argmax of summed softmax, and a "
                    "GET returns the 20 models' contributions; Ctrl-C exits 0",
+    "swergio-server": "served on 127.0.0.1:8080 (as its comment says) with the worker of "
+                      "swergio-run: 20 swergio model clients, an environment and an "
+                      "evolution component as the RLGym example's step through it; Ctrl-C "
+                      "exits 0 for both",
     "zmq-run": "served; its start-up line shows the two bound addresses of its comment",
     "zmq-python": "run with the worker of zmq-run; it prints exactly what its comments show",
     "proxy": "served; both of its ports accept",
@@ -611,6 +615,47 @@ def test_swergio_recipe(sh):
         assert sum(reply["CONTRIBUTION"].values()) == pytest.approx(steps, rel=1e-4)
         assert worker.stop() == 0, worker.output()[-3000:]
     assert "swergio: connected to" in worker.output()
+
+
+@pytest.mark.timeout(150)
+def test_swergio_server_recipe(sh):
+    """The two commands in place of the example's 01_server.py and 03_aggregation.py."""
+    from tests.swergio_peers import Environment, Evolution, model
+
+    require_free(8080, 9464)
+    (sh.work / "swergio.toml").write_text(block("swergio-toml"))
+    models, steps = 20, 10
+    rng = np.random.default_rng(12)
+    table = {s: rng.normal(0, 2, (models, 6)).round(3).tolist() for s in range(steps)}
+    sent: dict[int, dict[str, list[float]]] = {}
+    with sh.serve("swergio-server", block("swergio-server")) as server:
+        sh.wait("swergio-server on :8080", lambda: accepts(8080))
+        with sh.serve("worker", block("swergio-run")) as worker:
+            sh.wait("the worker on /readyz", ready(9464))
+            peers: list = []
+            try:
+                evo = Evolution(8080).start()
+                peers.append(evo)
+                evo.sync(8080)
+                mods = [model(8080, i, table, sent).start() for i in range(models)]
+                peers += mods
+                env = Environment(8080).start()
+                peers.append(env)
+                evo.wait_joined({(p.name, "logits") for p in mods}
+                                | {("environment", "observation")})
+                evo.handshake()
+                env.run(0, steps, timeout=60)
+                reply = evo.get()
+            finally:
+                for p in peers:
+                    p.close()
+            for s in range(steps):
+                assert env.actions[s]["ACTION"] == [softmax_sum_argmax(list(sent[s].values()))]
+            assert sum(reply["CONTRIBUTION"].values()) == pytest.approx(steps, rel=1e-4)
+            assert worker.stop() == 0, worker.output()[-3000:]
+        assert server.stop() == 0, server.output()[-3000:]
+    assert "swergio-server: listening on 127.0.0.1:8080 " in server.output()
+    assert "swergio-server: stopped;" in server.output()
 
 
 def test_zmq_recipe(sh):
