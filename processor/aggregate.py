@@ -124,15 +124,26 @@ class Strategy:
                 rows = ~det
                 actions[rows] = self.sample(score[rows], support[rows])
         n_w, _, n_b, _ = x.shape
-        wi, bi = np.arange(n_w)[:, None], np.arange(n_b)[None, :]
-        chosen = support[wi, :, bi, actions].transpose(0, 2, 1).astype(np.float64)  # W, M, B
-        if self.score_sums_support:
-            total = score[wi, bi, actions][:, None, :].astype(np.float64)  # (W, 1, B)
+        if n_w == 1 and n_b == 1:
+            # One window of one environment (lockstep): plain indexing instead of the
+            # gathers below, same values (no arithmetic differs).
+            a = int(actions[0, 0])
+            chosen = support[0, :, 0, a].astype(np.float64)[None, :, None]  # (1, M, 1)
+            if self.score_sums_support:
+                total = score[0, :, a].astype(np.float64)[:, None, None]  # (1, 1, 1)
+            else:
+                total = chosen.sum(axis=1, keepdims=True)
         else:
-            total = chosen.sum(axis=1, keepdims=True)
+            wi, bi = np.arange(n_w)[:, None], np.arange(n_b)[None, :]
+            chosen = support[wi, :, bi, actions].transpose(0, 2, 1).astype(np.float64)
+            if self.score_sums_support:
+                total = score[wi, bi, actions][:, None, :].astype(np.float64)  # (W, 1, B)
+            else:
+                total = chosen.sum(axis=1, keepdims=True)
         if self.support_may_vanish and (total <= 0).any():
             # Nobody supported the action taken (a sampled action no model voted for):
             # each model's probability of it stands in.
+            wi, bi = np.arange(n_w)[:, None], np.arange(n_b)[None, :]
             weighted = probs if w is None else probs * w[:, :, None, None]
             fallback = weighted[wi, :, bi, actions].transpose(0, 2, 1).astype(np.float64)
             chosen = np.where(total > 0, chosen, fallback)
@@ -162,6 +173,11 @@ class Strategy:
         A uniform u in [0, total) picks the first action whose cumulative weight exceeds
         it, so an action of weight 0 is never drawn.
         """
+        if weights.shape[:-1] == (1, 1):
+            # One draw (lockstep): the same uniform, product and count, in scalars.
+            row = weights[0, 0].cumsum(dtype=np.float64)
+            at = self.rng.random() * row[-1]
+            return np.array([[min(int(row.searchsorted(at, "right")), len(row) - 1)]])
         cdf = weights.cumsum(axis=-1, dtype=np.float64)
         u = self.rng.random(cdf.shape[:-1]) * cdf[..., -1]
         drawn: np.ndarray = np.minimum((cdf <= u[..., None]).sum(axis=-1), cdf.shape[-1] - 1)
@@ -171,10 +187,17 @@ class Strategy:
 def _sum_models(v: np.ndarray) -> np.ndarray:
     """(W, M, B, A) -> (W, B, A) of the same dtype, each column added in model order.
 
-    An explicit loop over the models: every column then goes through the same elementwise
-    additions, which no reduction strategy of numpy or torch promises. float32, as the
-    seed: its rounding decides the near-ties of the seed's vectors (1 + 3e-9 is 1).
+    float32, as the seed: its rounding decides the near-ties of the seed's vectors (1 +
+    3e-9 is 1). Every column goes through the same elementwise additions, row after row,
+    which torch's reductions do not promise (their order follows SIMD lanes). numpy's
+    `add.reduce` over an axis that is not the innermost of a C-contiguous array is that
+    loop (it adds whole rows; its pairwise summation applies only along the innermost
+    axis), in one call instead of M; where B * A = 1 the models' axis would be the
+    innermost, so the loop is written out.
     """
+    if v.flags.c_contiguous and v.shape[2] * v.shape[3] > 1:
+        out: np.ndarray = np.add.reduce(v, axis=1)
+        return out
     out = v[:, 0].copy()
     for m in range(1, v.shape[1]):
         out += v[:, m]

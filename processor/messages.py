@@ -159,7 +159,7 @@ def _short_row(raw: list[Any], sender: str, max_actions: int) -> np.ndarray:
     if not in_range:  # finite (JSON has no infinity), past float32: saturate
         raw = [min(max(v, -F32_MAX), F32_MAX) for v in raw]
     try:
-        return np.array(raw, dtype=np.float32).reshape(1, n)
+        return np.array((raw,), dtype=np.float32)  # (1, n)
     except (ValueError, TypeError, OverflowError):
         raise DecodeError("bad_logits", "LOGITS must hold numbers", sender) from None
 
@@ -191,9 +191,13 @@ def parse_logits(obj: dict[str, Any], key_fields: Sequence[str],
         cid = obj["COMPONENT_ID"]
     except KeyError as e:
         raise DecodeError("missing_field", f"no {e.args[0]}") from None
-    model = _model_of(cid)
+    model = cid if cid.__class__ is str and cid else _model_of(cid)
     sender = model[:64]
-    arr = _array_of(raw, sender, max_actions, max_batch)
+    if (raw.__class__ is list and 0 < len(raw) <= SMALL_ROW
+            and raw[0].__class__ is not list):
+        arr = _short_row(raw, sender, max_actions)  # the common case, without a detour
+    else:
+        arr = _array_of(raw, sender, max_actions, max_batch)
     det = obj.get("DETERMINISTIC")
     if det is not None and det.__class__ is not bool:
         raise DecodeError("bad_deterministic", f"DETERMINISTIC of type {type(det).__name__}",

@@ -155,7 +155,11 @@ class Worker:
     async def _flush(self, closed: list[Closed]) -> None:
         if not closed:
             return
-        todo = []
+        todo = [c for c in closed if c.publish]
+        if todo:
+            # The actions first: what follows (the models that missed windows, the ledger,
+            # the metrics) changes nothing in them, and the environments are waiting.
+            await self._publish(todo)
         tokens: list[Any] = []
         known, roster = self.known, bool(self.cfg.window.model_ids)
         for c in closed:
@@ -176,10 +180,6 @@ class Worker:
                 missing = known.keys() - models.keys()
                 self.ledger.miss(missing)
                 self.metrics.missed(missing)
-            if c.publish:
-                todo.append(c)
-        if todo:
-            await self._publish(todo)
         if tokens:
             # Only now: a message is acknowledged once its window's action is out.
             await self.transport.settle(tokens)
@@ -195,7 +195,8 @@ class Worker:
 
     async def _publish_group(self, group: list[Closed], m: int, b: int, a: int) -> None:
         t0 = time.perf_counter()
-        x = np.stack([v for c in group for v in c.window.models.values()]).reshape(
+        # One copy into (W, M, B, A): concatenate takes the (B, A) arrays as they are.
+        x = np.concatenate([v for c in group for v in c.window.models.values()]).reshape(
             len(group), m, b, a)
         default = self.default_det
         det = np.array([default if c.window.deterministic is None else c.window.deterministic
@@ -206,11 +207,10 @@ class Worker:
             weights = np.array([[wt.get(k, 1.0) for k in c.window.models] for c in group],
                                dtype=np.float32)
         actions, credit, agree = self.strategy.aggregate(x, det, weights)
-        self.metrics.aggregation.observe((time.perf_counter() - t0) / len(group))
-        windows = [list(c.window.models) for c in group]
-        per_model = self.ledger.add_many(windows, credit, agree)
+        aggregated = time.perf_counter()
         key_fields, acks = self.key_fields, self.acks
         stamp, publish, t_action = self.transport.stamp, self.transport.publish, self.t_action
+        published_at = []
         for c, act in zip(group, actions.tolist()):
             win = c.window
             msg: dict[str, Any] = {"ACTION": act}
@@ -225,12 +225,17 @@ class Worker:
             if extra:
                 msg.update(extra)
             await publish(t_action, encode(msg), "|".join(map(str, win.key)) if acks else None)
-            now = self.clock()
-            self.metrics.published(now - win.first_at, now - win.last_at, b)
+            published_at.append(self.clock())
+        # The books, once the actions are out.
+        metrics = self.metrics
+        metrics.aggregation.observe((aggregated - t0) / len(group))
+        for c, now in zip(group, published_at):
+            metrics.published(now - c.window.first_at, now - c.window.last_at, b)
+        per_model = self.ledger.add_many([list(c.window.models) for c in group], credit, agree)
         self.published += len(group)
         if per_model:
             names, credits, steps, agreed = zip(*per_model)
-            self.metrics.credit(names, credits, steps, agreed)
+            metrics.credit(names, credits, steps, agreed)
 
     async def _command(self, cmd: str, request: dict[str, Any]) -> None:
         """Answer one evolution command (see COMMANDS)."""
