@@ -14,18 +14,15 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-import time
 
 import numpy as np
-import orjson
 import pytest
-import zmq
 from prometheus_client import CollectorRegistry
 
 from processor.config import from_mapping
 from processor.metrics import OVERFLOW_MEMORY, Metrics
 from processor.worker import Worker
-from tests.procs import free_port, rss_mb
+from tests.procs import free_port, rss_mb, zmq_swarm
 from tests.reference import sum_probs
 from transports import create
 
@@ -69,56 +66,15 @@ class InProcessWorker:
         self._loop.close()
 
 
-class Peer:
-    """Models, environment and evolution on real sockets; the action queue is unbounded,
-    so that no action of the regular models is dropped among the flood's."""
-
-    def __init__(self, w: InProcessWorker) -> None:
-        self.ctx = zmq.Context()
-        self.out = self.ctx.socket(zmq.PUB)
-        self.out.setsockopt(zmq.SNDHWM, 0)
-        self.out.connect(f"tcp://127.0.0.1:{w.sub}")
-        self.inp = self.ctx.socket(zmq.SUB)
-        self.inp.setsockopt(zmq.RCVHWM, 0)
-        self.inp.connect(f"tcp://127.0.0.1:{w.pub}")
-        for t in (b"action", b"evolution"):
-            self.inp.setsockopt(zmq.SUBSCRIBE, t)
-
-    def close(self) -> None:
-        self.out.close(0)
-        self.inp.close(0)
-        self.ctx.term()
-
-    def send(self, topic: str, obj: dict) -> None:
-        self.out.send_multipart([topic.encode(), orjson.dumps(obj)])
-
-    def wait(self, topic: str, match, timeout: float = 60.0) -> dict:
-        end = time.monotonic() + timeout
-        while (left := end - time.monotonic()) > 0:
-            if self.inp.poll(int(left * 1000) + 1):
-                t, body = self.inp.recv_multipart()
-                obj = orjson.loads(body)
-                if t.decode() == topic and match(obj):
-                    return obj
-        raise AssertionError(f"nothing on {topic} matched within {timeout} s")
-
-    def handshake(self) -> None:
-        end = time.monotonic() + 20
-        while time.monotonic() < end:
-            self.send("evolution", {"CMD": "PEEK"})
-            if self.inp.poll(100):
-                self.inp.recv_multipart()
-                return
-        raise AssertionError("the worker never answered")
-
-
 def test_two_hundred_thousand_ids_leave_the_worker_serving_with_bounded_state():
     rng = np.random.default_rng(11)
     with InProcessWorker(window={"models": 2, "key": ["STEP"], "timeout_ms": 0},
                          limits={"max_models": MAX_MODELS}) as w:
-        peer = Peer(w)
+        # Unbounded queues: no action of the regular models is dropped among the flood's.
+        peer = zmq_swarm(w.sub, w.pub, key=["STEP"], hwm=0)
         try:
-            peer.handshake()
+            env = peer.environment()
+            a, b = peer.model("a", deterministic=True), peer.model("b", deterministic=True)
             credit = {"a": 0.0, "b": 0.0}
             rss = []
             sent = step = 0
@@ -127,15 +83,13 @@ def test_two_hundred_thousand_ids_leave_the_worker_serving_with_bounded_state():
                 for i in range(sent, sent + CHUNK, 2):
                     x = rng.normal(0, 1, 4).tolist()
                     for j in (i, i + 1):
-                        peer.send("logits", {"LOGITS": x, "COMPONENT_ID": f"id{j}",
-                                             "DETERMINISTIC": True, "STEP": f"s{i}"})
+                        peer.model(f"id{j}", deterministic=True).send(x, f"s{i}")
                 sent += CHUNK
                 # a regular step; its action also says the flood before it was handled
                 x = rng.normal(0, 2, (2, 6)).astype(np.float32)
-                for m, name in enumerate("ab"):
-                    peer.send("logits", {"LOGITS": x[m].tolist(), "COMPONENT_ID": name,
-                                         "DETERMINISTIC": True, "STEP": step})
-                out = peer.wait("action", lambda o, s=step: o.get("STEP") == s)
+                a.send(x[0], step)
+                b.send(x[1], step)
+                out = env.wait(step, timeout=60)
                 _, action, c = sum_probs(x[:, None, :])
                 assert out == {"ACTION": action.tolist(), "STEP": step}
                 credit["a"] += float(c[0, 0])
@@ -153,8 +107,7 @@ def test_two_hundred_thousand_ids_leave_the_worker_serving_with_bounded_state():
                 assert len(met.contribution.values) <= LABELS + 1
                 assert len(wk.windows) <= wk.cfg.window.max_open
                 assert len(wk.windows.closed_keys) <= wk.cfg.window.late_memory
-            peer.send("evolution", {"CMD": "GET", "REQUEST_ID": "r1"})
-            reply = peer.wait("evolution", lambda o: o.get("REQUEST_ID") == "r1")
+            reply = peer.evolution().get(timeout=60, request_id="r1")
         finally:
             peer.close()
     assert w.error is None
