@@ -3,15 +3,18 @@
 - `zmq-echo`: the worker's sockets (SUB bound for logits and evolution, PUB bound for
   actions) with no aggregation: after every M logits messages it publishes an action.
   Without `--parse` it does not look inside the messages: the ZeroMQ ping-pong, the latency
-  floor. With `--parse` it runs `orjson.loads` on every message and echoes the STEP of
+  floor. With `--parse` it runs `orjson.loads` on every message (on binary logits, three
+  frames: on the JSON header, then `np.frombuffer` on the values) and echoes the STEP of
   the last one: the raw ceiling of a Python receiver.
 - `swergio-server`: the PyPI swergio 0.0.2 server, unchanged.
 - `swergio-echo`: a swergio component with no math: it answers every M logits messages
   with an action, and a GET with an empty CONTRIBUTION. With `--quickack` it avoids the
   delayed-acknowledgement stall (see `bench.swergio_wire`): the swergio server's ceiling.
 
-The echo peers answer `{"CMD": "GET"}` on the evolution topic/room, the drivers' handshake. SIGTERM
-ends them at once (its default action): they hold nothing worth a clean exit.
+The echo peers answer `{"CMD": "GET"}` and `{"CMD": "PEEK"}` on the evolution topic/room
+with an empty CONTRIBUTION (and the request's REQUEST_ID), as the worker does: the drivers'
+handshake (`processor.client`'s `ready()`). SIGTERM ends them at once (its default action):
+they hold nothing worth a clean exit.
 """
 
 from __future__ import annotations
@@ -21,10 +24,24 @@ import gc
 import sys
 from collections.abc import Sequence
 
+import numpy as np
 import orjson
 
 ACTION = b'{"ACTION":[0]}'
-CONTRIBUTION = b'{"CONTRIBUTION":{}}'
+
+
+def report(body: bytes) -> dict[str, object] | None:
+    """The empty report a GET or PEEK is answered with (None for anything else)."""
+    try:
+        request = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(request, dict) or request.get("CMD") not in ("GET", "PEEK"):
+        return None
+    out: dict[str, object] = {"CONTRIBUTION": {}}
+    if "REQUEST_ID" in request:
+        out["REQUEST_ID"] = request["REQUEST_ID"]
+    return out
 
 
 def zmq_echo(sub: str, pub: str, models: int, parse: bool) -> None:
@@ -42,22 +59,26 @@ def zmq_echo(sub: str, pub: str, models: int, parse: bool) -> None:
     s.bind(sub)
     p.bind(pub)
     recv, send, loads = s.recv_multipart, p.send_multipart, orjson.loads
+    frombuffer = np.frombuffer
     count = 0
     gc.disable()  # it allocates no cycles; no collector pauses in the timed path
     while True:
-        topic, body = recv()
+        frames = recv()
+        topic, body = frames[0], frames[1]
         if topic == b"logits":
             count += 1
             if parse:
                 obj = loads(body)
+                if len(frames) == 3:  # binary logits: [topic, JSON header, float32 values]
+                    frombuffer(frames[2], dtype="<f4")
             if count == models:
                 count = 0
                 if parse and "STEP" in obj:
                     send((b"action", b'{"ACTION":[0],"STEP":%d}' % obj["STEP"]))
                 else:
                     send((b"action", ACTION))
-        elif topic == b"evolution" and b'"GET"' in body:
-            send((b"evolution", CONTRIBUTION))
+        elif topic == b"evolution" and (reply := report(body)) is not None:
+            send((b"evolution", orjson.dumps(reply)))
 
 
 def swergio_server(host: str, port: int) -> None:
@@ -73,7 +94,6 @@ def swergio_echo(host: str, port: int, models: int, name: str, quickack: bool) -
                         quickack=quickack)
     conn.sock.settimeout(None)
     action = w.encode(w.data("action", name, ACTION=[0]))
-    reply = w.encode(w.data("evolution", name, CONTRIBUTION={}))
     count = 0
     gc.disable()
     while True:
@@ -83,8 +103,8 @@ def swergio_echo(host: str, port: int, models: int, name: str, quickack: bool) -
             if count == models:
                 count = 0
                 conn.send(action)
-        elif b'"CMD"' in body and b'"GET"' in body:
-            conn.send(reply)
+        elif b'"CMD"' in body and (reply := report(body)) is not None:
+            conn.send(w.encode(w.data("evolution", name, **reply)))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

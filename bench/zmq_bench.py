@@ -1,10 +1,11 @@
 """ZeroMQ sections: `zmq_lockstep`, `zmq_pipelined` and `metrics`.
 
-The driver (this process) plays the environment and the M models: a PUB socket connected
-to the peer's SUB, a SUB socket connected to the peer's PUB, every message encoded before
-the clock starts. The peer is the worker (`python -m processor run`, configured by
-SWARM_AGG__* variables) or a baseline from `bench.peers` with the same sockets, driven by
-the same code:
+The driver (this process) plays the environment and the M models with a client swarm
+(`processor.client`): a PUB socket connected to the peer's SUB, a SUB socket connected to
+the peer's PUB, the slow joiner waited out by its `ready()`; in the timed loops every
+message is encoded before the clock starts and its sockets are used raw. The peer is the
+worker (`python -m processor run`, configured by SWARM_AGG__* variables) or a baseline from
+`bench.peers` with the same sockets, driven by the same code:
 
 - lockstep: send a window's M messages, wait for its action, repeat. Latency is from the
   publish of the window's last message to the action's arrival. Baseline: the ZeroMQ
@@ -31,6 +32,9 @@ from typing import Any, Self
 import orjson
 import zmq
 
+from processor.client import NoReply, Swarm
+from processor.config import from_mapping
+
 from . import payloads
 from .common import (
     HOST,
@@ -47,57 +51,43 @@ from .common import (
     worker_env,
 )
 
-GET = b'{"CMD":"GET"}'
 HANDSHAKE_TIMEOUT_S = 60.0
 
 
-class ZmqLink:
-    """The driver's two sockets towards one peer."""
-
-    def __init__(self, peer_sub: str, peer_pub: str, timeout_s: float) -> None:
-        self.ctx = zmq.Context()
-        self.pub = self.ctx.socket(zmq.PUB)
-        self.sub = self.ctx.socket(zmq.SUB)
-        for s in (self.pub, self.sub):
-            s.setsockopt(zmq.LINGER, 0)
-            s.setsockopt(zmq.SNDHWM, 0)  # unbounded: the drivers bound what is in flight
-            s.setsockopt(zmq.RCVHWM, 0)
-        self.sub.setsockopt(zmq.RCVTIMEO, int(timeout_s * 1000))
-        self.sub.setsockopt(zmq.SUBSCRIBE, b"action")
-        self.sub.setsockopt(zmq.SUBSCRIBE, b"evolution")
-        self.pub.connect(peer_sub)
-        self.sub.connect(peer_pub)
-
-    def handshake(self, children: Sequence[Child], timeout: float = HANDSHAKE_TIMEOUT_S
-                  ) -> None:
-        """GET until a CONTRIBUTION comes back (the slow joiner), then drain the extras."""
-        end = time.monotonic() + timeout
-        while True:
-            for c in children:
-                c.check()
-            self.pub.send_multipart((b"evolution", GET))
-            if self.sub.poll(100):
-                topic, body = self.sub.recv_multipart()
-                if topic == b"evolution" and b'"CONTRIBUTION"' in body:
-                    break
-            if time.monotonic() > end:
-                raise BenchError(f"no answer to GET within {timeout:.0f} s")
-        self.drain()
-
-    def drain(self, quiet_s: float = 0.2) -> None:
-        while self.sub.poll(int(quiet_s * 1000)):
-            self.sub.recv_multipart()
-
-    def close(self) -> None:
-        self.pub.close(0)
-        self.sub.close(0)
-        self.ctx.term()
+@dataclass
+class Link:
+    pub: zmq.Socket[bytes]
+    sub: zmq.Socket[bytes]
 
 
 @dataclass
 class Peer:
+    """A peer process and the driver's client swarm (processor.client) towards it. The
+    timed loops use the swarm's two sockets raw (`Link`): pre-encoded frames out, actions
+    read without the inbox, so only the wire and the peer are measured."""
+
     child: Child
-    link: ZmqLink
+    swarm: Swarm
+    link: Link
+
+
+def handshake(swarm: Swarm, children: Sequence[Child],
+              timeout: float = HANDSHAKE_TIMEOUT_S) -> None:
+    """ready() (PEEK until answered: the slow joiner) while the peers live; then the late
+    answers to the earlier PEEKs are read, so none waits in the queue of a timed loop."""
+    end = time.monotonic() + timeout
+    while True:
+        for c in children:
+            c.check()
+        try:
+            swarm.ready(timeout=0.5)
+            break
+        except NoReply:
+            if time.monotonic() > end:
+                raise BenchError(f"no answer to PEEK within {timeout:.0f} s") from None
+    _, sub = swarm.zmq_sockets()
+    while sub.poll(200):
+        sub.recv_multipart()
 
 
 @contextmanager
@@ -120,13 +110,16 @@ def peer(kind: str, plan: Plan, keyed: bool = False, metrics_port: int = 0) -> I
         if kind == "raw":
             argv.append("--parse")
         env = {}
-    with spawn(kind, argv, env) as child:
-        link = ZmqLink(sub_ep, pub_ep, plan.action_timeout_s)
-        try:
-            link.handshake([child])
-            yield Peer(child, link)
-        finally:
-            link.close()
+    # The peers' side of the worker's config; unbounded queues: the drivers bound what is
+    # in flight, so nothing is dropped at a high-water mark.
+    cfg = from_mapping({"transport": {"zmq": {"sub": sub_ep, "pub": pub_ep, "sndhwm": 0,
+                                              "rcvhwm": 0}}})
+    with spawn(kind, argv, env) as child, Swarm(cfg) as swarm:
+        swarm.environment()
+        pub, sub = swarm.zmq_sockets()
+        sub.setsockopt(zmq.RCVTIMEO, int(plan.action_timeout_s * 1000))
+        handshake(swarm, [child])
+        yield Peer(child, swarm, Link(pub, sub))
 
 
 # -- drivers -------------------------------------------------------------------------------

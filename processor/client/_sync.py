@@ -17,7 +17,7 @@ import time
 import uuid
 from collections.abc import Callable, Coroutine, Mapping
 from types import TracebackType
-from typing import Any, Protocol, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, Self, TypeVar
 
 from processor.config import Config, load
 
@@ -33,6 +33,9 @@ from ._core import (
     StepKey,
     logits_message,
 )
+
+if TYPE_CHECKING:
+    import zmq
 
 T = TypeVar("T")
 CLOSE_TIMEOUT_S = 15.0
@@ -207,6 +210,15 @@ class Swarm:
             self._closed = True
             link, self.link = self.link, _CLOSED
             link.close()
+
+    def zmq_sockets(self) -> tuple[zmq.Socket[bytes], zmq.Socket[bytes]]:
+        """ZeroMQ only: the PUB and the SUB, for code that measures the wire itself
+        (pre-encoded frames sent, replies read raw). What it reads bypasses the inbox."""
+        from ._zmq import ZmqLink
+
+        if not isinstance(self.link, ZmqLink):
+            raise ClientError("zmq_sockets(): the swarm is not on ZeroMQ (or is closed)")
+        return self.link.pub, self.link.sub
 
     # -- waiting -------------------------------------------------------------------------
 
