@@ -39,11 +39,13 @@ class Plan:
     lockstep_steps: int = 3000                       # per repeat, at most ...
     lockstep_max_s: float = 3.0                      # ... or this long
     warmup_steps: int = 200
-    # zmq_pipelined
-    pipelined_actions: tuple[int, ...] = (18,)
-    inflight: int = 128                              # K windows outstanding
+    lockstep_binary_actions: tuple[int, ...] = (1000,)  # binary logits frames too
+    breakdown_windows: int = 2000                    # the lockstep path in process
+    # zmq_pipelined (JSON and binary logits at each A)
+    pipelined_actions: tuple[int, ...] = (18, 1000)
+    inflight: int = 256                              # K windows outstanding
     pipelined_windows: int = 30000
-    pipelined_max_s: float = 4.0
+    pipelined_max_s: float = 2.5
     # swergio_lockstep
     swergio_actions: int = 18
     swergio_steps: int = 2000
@@ -55,7 +57,8 @@ class Plan:
     server_rounds_warmup: int = 3
     rlgym_models: int = 6
     rlgym_steps_slow: int = 60                       # with the original server
-    rlgym_steps_fast: int = 600                      # with ours
+    rlgym_steps_fast: int = 600                      # with ours (numpy models)
+    rlgym_torch_steps_fast: int = 300                # with ours (torch models)
     rlgym_warmup: int = 5
     rlgym_timeout_s: float = 120.0
     # kernel
@@ -67,6 +70,8 @@ class Plan:
     metrics_repeats: int = 5                         # on/off differ little: more repeats
     # metrics
     metrics_actions: int = 18
+    # a checkout of an earlier commit whose worker runs beside this one (--before)
+    before: str = ""
     scrape_interval_s: float = 1.0
     action_timeout_s: float = 10.0                   # an action later than this is lost
 
@@ -75,11 +80,13 @@ class Plan:
         return cls(repeats=1, lockstep_actions=(18,), lockstep_steps=300, lockstep_max_s=1.0,
                    warmup_steps=30, inflight=32, pipelined_windows=1500, pipelined_max_s=1.0,
                    swergio_steps=100, swergio_max_s=1.5, swergio_warmup=10,
-                   kernel_actions=(2, 18), kernel_batches=(64,), decode_actions=(18, 1000),
+                   lockstep_binary_actions=(), breakdown_windows=200,
+                   pipelined_actions=(18,), kernel_actions=(2, 18), kernel_batches=(64,),
+                   decode_actions=(18, 1000),
                    timing_s=0.02, kernel_repeats=1, metrics_repeats=1,
                    scrape_interval_s=0.2, server_rounds=200, server_rounds_max_s=1.0,
                    server_rounds_warmup=1, rlgym_steps_slow=10, rlgym_steps_fast=60,
-                   rlgym_warmup=2)
+                   rlgym_torch_steps_fast=60, rlgym_warmup=2)
 
     def with_repeats(self, repeats: int | None) -> Plan:
         """Every section repeated `repeats` times (None: the plan's own counts)."""
@@ -228,17 +235,18 @@ def _die_with_parent() -> None:
 
 @contextmanager
 def spawn(name: str, argv: Sequence[str], env: Mapping[str, str] | None = None,
-          stdout_devnull: bool = False) -> Iterator[Child]:
-    """Start `argv` in the repository root; it is stopped when the block ends, come what may.
+          stdout_devnull: bool = False, root: Path = ROOT) -> Iterator[Child]:
+    """Start `argv` in the repository root (or `root`, another checkout, whose code it then
+    runs); it is stopped when the block ends, come what may.
 
     stderr (and stdout, unless `stdout_devnull`) goes to a temporary file, shown when the
     child fails; a pipe that nobody reads could fill up and stall it.
     """
     full_env = {**os.environ, **(env or {})}
     full_env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(ROOT), full_env.get("PYTHONPATH", "")) if p)
+        p for p in (str(root), full_env.get("PYTHONPATH", "")) if p)
     with tempfile.TemporaryFile() as log:
-        proc = subprocess.Popen(list(argv), cwd=ROOT, env=full_env, stdin=subprocess.DEVNULL,
+        proc = subprocess.Popen(list(argv), cwd=root, env=full_env, stdin=subprocess.DEVNULL,
                                 stdout=subprocess.DEVNULL if stdout_devnull else log,
                                 stderr=log,
                                 preexec_fn=_die_with_parent if sys.platform == "linux" else None)

@@ -103,15 +103,18 @@ def swergio_server(r: dict[str, Any]) -> list[str]:
            f"({c['round_trip']})",
            *table(["server", "p50 µs", "p99 µs", "round trips/s", "server CPU"], rows),
            f"  original/ours {rt['ratio_original_ours_p50']:.0f}x p50", ""]
-    rows = [[k, c["setups"][k], str(c["steps"][k]), fig(p[k]["steps_per_s"]),
-             cpu(p[k], "server"), cpu(p[k], "peer"), str(p[k]["evolution_rounds"])]
-            for k in ("a", "b", "c")]
-    out += [f"  RLGym pipeline: environment, M={c['models']} models, aggregation, evolution "
-            f"as swergio clients ({c['clients']})",
-            *table(["", "set-up", "steps", "steps/s", "server CPU", "agg CPU",
-                    "evolution rounds"], rows),
-            f"  c/a {p['ratio_c_a_steps_per_s']:.1f}x, b/a {p['ratio_b_a_steps_per_s']:.2f}x, "
-            f"c/b {p['ratio_c_b_steps_per_s']:.1f}x steps/s"]
+    for kind, q in p.items():
+        rows = [[k, c["setups"][k], str(q["steps"][k]), fig(q[k]["steps_per_s"]),
+                 cpu(q[k], "server"), cpu(q[k], "peer"), str(q[k]["evolution_rounds"])]
+                for k in ("a", "b", "c")]
+        out += [f"  RLGym pipeline, {kind} models ({q['models']}): environment, "
+                f"M={c['models']} models, aggregation, evolution as swergio clients",
+                *table(["", "set-up", "steps", "steps/s", "server CPU", "agg CPU",
+                        "evolution rounds"], rows),
+                f"  c/a {q['ratio_c_a_steps_per_s']:.1f}x, "
+                f"b/a {q['ratio_b_a_steps_per_s']:.2f}x, "
+                f"c/b {q['ratio_c_b_steps_per_s']:.1f}x steps/s", ""]
+    out.append(f"  ({c['clients']}; {c['threads']})")
     return out
 
 
@@ -149,8 +152,18 @@ def metrics(r: dict[str, Any]) -> list[str]:
              f"{fig(r['instrumentation_us_per_window'])} µs/window")]
 
 
+def _wire(name: str) -> Callable[[dict[str, Any]], list[str]]:
+    def render(r: dict[str, Any]) -> list[str]:
+        from . import report_wire
+
+        out: list[str] = getattr(report_wire, name)(r)
+        return out
+    return render
+
+
 RENDER: dict[str, Callable[[dict[str, Any]], list[str]]] = {
-    "zmq_lockstep": zmq_lockstep, "zmq_pipelined": zmq_pipelined,
+    "zmq_lockstep": _wire("zmq_lockstep"), "zmq_pipelined": _wire("zmq_pipelined"),
+    "cost": _wire("cost"),
     "swergio_lockstep": swergio_lockstep, "kernel": kernel, "metrics": metrics,
     "swergio_server": swergio_server,
 }

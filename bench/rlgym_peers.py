@@ -13,7 +13,11 @@ is needed and a run takes seconds:
   of a given number of steps (`NR_OF_STEPS`, resetting at the end of each episode)
   instead of a number of episodes, so every configuration measures the same work;
 - model: the example's policy network shape (4 -> 16 -> 16 -> 2 logits, and the value
-  head) as a numpy forward pass with seeded weights, no training;
+  head) as a numpy forward pass with seeded weights, no training; or with `--torch`, an
+  actor-critic of that shape in torch that learns as the example's A2C does in outline (a
+  forward pass per step; every 5 steps, returns and advantages over those 5 steps, the
+  policy-gradient and value losses, backward, gradient clipping, an Adam step), so the
+  models cost what the example's cost, give or take stable-baselines3's own overhead;
 - evolution: asks for weights and contributions on `{"EVOLUTION": true}` in `control`,
   and once all have come, answers `CMD: SET` with the weights of the best models, as the
   example's deap loop does in outline;
@@ -102,26 +106,101 @@ class Policy:
             at += q.size
 
 
+class TorchPolicy:
+    """The example's model in outline: an actor-critic (two 16-unit tanh layers each) that
+    acts on every observation and trains on every 5 steps it has seen."""
+
+    ROLLOUT, GAMMA, VF_COEF, MAX_GRAD_NORM, LR = 5, 0.99, 0.5, 0.5, 7e-4
+
+    def __init__(self, seed: int) -> None:
+        import torch
+        from torch import nn
+
+        torch.manual_seed(seed)
+        self.torch = torch
+        self.pi = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh())
+        self.vf = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh())
+        self.action_net, self.value_net = nn.Linear(16, 2), nn.Linear(16, 1)
+        self.modules = (self.pi, self.vf, self.action_net, self.value_net)
+        self.params = [q for m in self.modules for q in m.parameters()]
+        self.optimizer = torch.optim.Adam(self.params, lr=self.LR)
+        self.rollout: list[tuple[Any, int, float, bool]] = []  # obs, action, reward, start
+        self.last: tuple[Any, bool] | None = None  # the previous observation, episode start
+
+    def act(self, msg: dict[str, Any]) -> list[float]:
+        torch = self.torch
+        if len(self.rollout) >= self.ROLLOUT:
+            self._train(msg)
+        if "REWARD" in msg and self.last is not None:
+            self.rollout.append((self.last[0], int(msg["ACTION"][0]), float(msg["REWARD"]),
+                                 self.last[1]))
+        obs = torch.tensor(msg["OBSERVATION"], dtype=torch.float32).unsqueeze(0)
+        with torch.no_grad():
+            logits = self.action_net(self.pi(obs))
+            self.value_net(self.vf(obs))
+        self.last = (obs, bool(msg.get("DONE", True)))
+        out: list[float] = logits[0].tolist()
+        return out
+
+    def _train(self, msg: dict[str, Any]) -> None:
+        torch = self.torch
+        obs = torch.cat([o for o, _, _, _ in self.rollout])
+        actions = torch.tensor([a for _, a, _, _ in self.rollout])
+        with torch.no_grad():
+            nxt = torch.tensor(msg["OBSERVATION"], dtype=torch.float32).unsqueeze(0)
+            future = 0.0 if msg.get("DONE") else float(self.value_net(self.vf(nxt)))
+        returns = []
+        for _, _, reward, _ in reversed(self.rollout):
+            future = reward + self.GAMMA * future
+            returns.append(future)
+        target = torch.tensor(returns[::-1])
+        values = self.value_net(self.vf(obs)).flatten()
+        dist = torch.distributions.Categorical(logits=self.action_net(self.pi(obs)))
+        advantages = target - values.detach()
+        loss = -(advantages * dist.log_prob(actions)).mean() + \
+            self.VF_COEF * torch.nn.functional.mse_loss(target, values)
+        self.optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, self.MAX_GRAD_NORM)
+        self.optimizer.step()
+        self.rollout.clear()
+
+    def vector(self) -> list[float]:
+        out: list[float] = self.torch.cat([q.detach().flatten() for q in self.params]).tolist()
+        return out
+
+    def load(self, vector: Sequence[float]) -> None:
+        flat = self.torch.tensor(vector, dtype=self.torch.float32)
+        at = 0
+        with self.torch.no_grad():
+            for q in self.params:
+                q.copy_(flat[at:at + q.numel()].reshape(q.shape))
+                at += q.numel()
+
+
 def client(name: str, host: str, port: int, **kwargs: Any) -> Client:
     return Client(name, host, port, FORMAT, HEADER_LENGTH, **kwargs)
 
 
-def run_model(host: str, port: int, index: int) -> None:
+def run_model(host: str, port: int, index: int, torch: bool) -> None:
     component_id = f"model-{index}"
-    policy = Policy(seed=1000 + index)
+    policy: Policy | TorchPolicy = TorchPolicy(1000 + index) if torch else Policy(1000 + index)
     c = client("model", host, port, policy=policy)
 
     # swergio hands the client's keyword arguments to handlers by parameter name.
-    def forward(msg: dict[str, Any], policy: Policy) -> dict[str, Any]:
-        return {"LOGITS": policy.logits(msg["OBSERVATION"]), "COMPONENT_ID": component_id,
+    def forward(msg: dict[str, Any], policy: Policy | TorchPolicy) -> dict[str, Any]:
+        logits = policy.act(msg) if isinstance(policy, TorchPolicy) else \
+            policy.logits(msg["OBSERVATION"])
+        return {"LOGITS": logits, "COMPONENT_ID": component_id,
                 "DETERMINISTIC": msg["DETERMINISTIC"]}
 
-    def send_weights(msg: dict[str, Any], policy: Policy) -> dict[str, Any] | None:
+    def send_weights(msg: dict[str, Any], policy: Policy | TorchPolicy
+                     ) -> dict[str, Any] | None:
         if msg.get("CMD") == "GET":
             return {"WEIGHTS": policy.vector(), "COMPONENT_ID": component_id}
         return None
 
-    def set_weights(msg: dict[str, Any], policy: Policy) -> None:
+    def set_weights(msg: dict[str, Any], policy: Policy | TorchPolicy) -> None:
         if msg.get("CMD") == "SET":
             policy.load(msg["WEIGHTS"][component_id])
 
@@ -225,9 +304,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--index", type=int, default=0, help="model: its number")
     p.add_argument("--models", type=int, default=6, help="evolution: how many models")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--torch", action="store_true", help="model: torch actor-critic, trained")
     a = p.parse_args(argv)
     if a.role == "model":
-        run_model(a.host, a.port, a.index)
+        run_model(a.host, a.port, a.index, a.torch)
     elif a.role == "environment":
         run_environment(a.host, a.port, a.seed)
     elif a.role == "evolution":

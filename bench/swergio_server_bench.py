@@ -235,7 +235,8 @@ class PipelineRun:
     evolved: bool
 
 
-def pipeline(setup: str, models: int, steps: int, warmup: int, timeout: float) -> PipelineRun:
+def pipeline(setup: str, models: int, steps: int, warmup: int, timeout: float,
+             torch_models: bool) -> PipelineRun:
     server_kind, agg_kind = SETUPS[setup]
     with ExitStack() as stack:
         port, srv = stack.enter_context(server(server_kind, stack))
@@ -245,7 +246,8 @@ def pipeline(setup: str, models: int, steps: int, warmup: int, timeout: float) -
         children.append(peer(stack, port, "evolution", "--models", str(models)))
         children.append(peer(stack, port, "environment"))
         for m in range(models):
-            children.append(peer(stack, port, "model", "--index", str(m)))
+            extra = ("--torch",) if torch_models else ()
+            children.append(peer(stack, port, "model", *extra, "--index", str(m)))
         agg = aggregator(stack, agg_kind, port, models)
         children.append(agg)
         joins = {("environment", room): 1 for room in ("control", "observation", "action")}
@@ -271,41 +273,53 @@ def pipeline(setup: str, models: int, steps: int, warmup: int, timeout: float) -
 # -- the section ---------------------------------------------------------------------------
 
 
+MODEL_KINDS = {"numpy": "the example's network shape, numpy forward pass, no training",
+               "torch": "torch actor-critic of that shape, trained every 5 steps (A2C)"}
+
+
 def section(plan: Plan) -> dict[str, Any]:
     rt: dict[str, list[Run]] = {k: [] for k in SERVERS}
-    pipe: dict[str, list[PipelineRun]] = {k: [] for k in SETUPS}
+    pipe: dict[str, dict[str, list[PipelineRun]]] = {
+        kind: {k: [] for k in SETUPS} for kind in MODEL_KINDS}
+    steps = {"numpy": {"a": plan.rlgym_steps_slow, "b": plan.rlgym_steps_slow,
+                       "c": plan.rlgym_steps_fast},
+             "torch": {"a": plan.rlgym_steps_slow, "b": plan.rlgym_steps_slow,
+                       "c": plan.rlgym_torch_steps_fast}}
     for _ in range(plan.repeats):
         for kind in SERVERS:
             rt[kind].append(round_trips(
                 kind, plan.server_rounds, plan.server_rounds_warmup,
                 plan.server_rounds_max_s))
-        for setup in SETUPS:
-            steps = plan.rlgym_steps_fast if setup == "c" else plan.rlgym_steps_slow
-            pipe[setup].append(pipeline(setup, plan.rlgym_models, steps, plan.rlgym_warmup,
-                                        plan.rlgym_timeout_s))
+        for models_kind, runs in pipe.items():
+            for setup in SETUPS:
+                runs[setup].append(pipeline(
+                    setup, plan.rlgym_models, steps[models_kind][setup], plan.rlgym_warmup,
+                    plan.rlgym_timeout_s, torch_models=models_kind == "torch"))
     rts = {k: summarize(v) for k, v in rt.items()}
-    pipes = {k: summarize([p.run for p in v]) for k, v in pipe.items()}
-    for k, v in pipe.items():
-        pipes[k]["episodes"] = sum(p.episodes for p in v)
-        pipes[k]["evolution_rounds"] = sum(p.evolved for p in v)
+    pipelines: dict[str, Any] = {}
+    for models_kind, runs in pipe.items():
+        s = {k: summarize([p.run for p in v]) for k, v in runs.items()}
+        for k, v in runs.items():
+            s[k]["episodes"] = sum(p.episodes for p in v)
+            s[k]["evolution_rounds"] = sum(p.evolved for p in v)
+        pipelines[models_kind] = {
+            **s, "models": MODEL_KINDS[models_kind], "steps": steps[models_kind],
+            "ratio_c_a_steps_per_s": ratio(s["c"], s["a"], "steps_per_s"),
+            "ratio_b_a_steps_per_s": ratio(s["b"], s["a"], "steps_per_s"),
+            "ratio_c_b_steps_per_s": ratio(s["c"], s["b"], "steps_per_s")}
     return {
         "config": {
-            "repeats": plan.repeats, "models": plan.rlgym_models,
-            "steps": {"a": plan.rlgym_steps_slow, "b": plan.rlgym_steps_slow,
-                      "c": plan.rlgym_steps_fast},
-            "setups": LABELS,
+            "repeats": plan.repeats, "models": plan.rlgym_models, "setups": LABELS,
             "clients": "swergio 0.0.2 Client, unchanged: header and body in two writes, "
                        "Nagle on",
             "round_trip": "this process's Client -> server -> echo Client (own process) "
                           "-> server -> this process",
+            "threads": "OMP_NUM_THREADS=1 in every process of a pipeline",
         },
         "round_trip": {**rts,
                        "ratio_original_ours_p50": ratio(rts["original"], rts["ours"],
                                                         "p50_us")},
-        "pipeline": {**pipes,
-                     "ratio_c_a_steps_per_s": ratio(pipes["c"], pipes["a"], "steps_per_s"),
-                     "ratio_b_a_steps_per_s": ratio(pipes["b"], pipes["a"], "steps_per_s"),
-                     "ratio_c_b_steps_per_s": ratio(pipes["c"], pipes["b"], "steps_per_s")},
+        "pipeline": pipelines,
     }
 
 
