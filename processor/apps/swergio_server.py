@@ -218,6 +218,8 @@ class SwergioServer:
             self._cut(conn, "bad_header", f"{conn.label()}: {e}; disconnected")
         except (OSError, asyncio.IncompleteReadError):
             pass  # the client went away mid-frame or the kernel says it is gone
+        except Exception as e:  # a bug here must cost one connection, not the server
+            self._cut(conn, "internal", f"{conn.label()}: unexpected {e!r}; disconnected")
         finally:
             self._leave(conn)
             if task is not None:
@@ -336,7 +338,7 @@ class SwergioServer:
             for other in self.names.get(to, ()):
                 if other is not conn:
                     send(other, data)
-        if kind in LOGGED_TYPES and self.cfg.logging_room:
+        if self.cfg.logging_room and isinstance(kind, str) and kind in LOGGED_TYPES:
             record = _frame(b'{"ID": "%s", "TO_ROOM": "_logging", "TYPE": "LOG/MESSAGES", '
                             b'"MESSAGE": %s}' % (uuid.uuid4().hex.encode(), body),
                             self.cfg.header_length)
