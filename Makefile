@@ -4,15 +4,17 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_ARGS ?= --steps 3000
+CARTPOLE_ARGS ?=
 
-.PHONY: run test bench lint install clean
+.PHONY: run test bench lint install clean cartpole
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# The CPU build of torch first: a looser requirement would pull a multi-GB CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[test,dev]'
+	# rl: gymnasium and stable-baselines3, for examples/cartpole_swarm and its test.
+	$(BIN)/pip install -q -e '.[test,dev,rl]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -23,11 +25,14 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+cartpole: $(STAMP)
+	$(BIN)/python -m examples.cartpole_swarm $(CARTPOLE_ARGS)
+
 bench: $(STAMP)
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check processor transports tests bench
+	$(BIN)/ruff check processor transports tests bench examples
 	$(BIN)/mypy processor transports
 
 clean:

@@ -1,0 +1,221 @@
+"""One model of the swarm: a Stable-Baselines3 policy in a process of its own.
+
+`python -m examples.cartpole_swarm.model -c RUN.toml --id model-0 [--envs B] ...`; the
+launcher (`python -m examples.cartpole_swarm`) starts M of these.
+
+Each observation (B rows) goes through the policy's own networks (features, MLP
+extractor, `action_net` for the logits, `value_net` for the value), and the logits go to
+the worker at once, under the observation's step key. Then the model books the previous
+step's transition in SB3's own RolloutBuffer, with the action the *swarm* took and the
+reward it got (as the swergio RLGym example's models do), and every `--train-every` steps
+(a full buffer: A2C's n_steps, 5 as in the example) runs SB3's own update, `A2C.train()` or
+`PPO.train()`. The update runs after the logits are out, so the swarm does not wait for
+it; the price is that the value of the one observation that starts each rollout comes from
+the policy before that update instead of after it. An episode cut by the time limit is
+bootstrapped with the value of its last observation, as SB3 does.
+
+On `weights`: asked to (`CMD: COPY` naming it FROM), it sends its policy's weights to the
+model TO; named TO, it loads the weights it is sent (plus Gaussian noise of std NOISE: a
+mutation), drops the transitions it gathered with its old weights, and says LOADED on
+`control`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from .common import ALGOS, CONTROL, OBSERVATION, WEIGHTS
+
+OBS_DIM = 4   # CartPole: cart position and speed, pole angle and angular speed
+ACTIONS = 2   # push left, push right
+
+
+def make_algorithm(algo: str, envs: int, train_every: int, seed: int) -> Any:
+    """An SB3 A2C or PPO on CartPole-v1's spaces with the RLGym example's network (two
+    16-unit layers for the policy, two for the value) and a rollout of `train_every` steps
+    over B environments. Its environments only lend their spaces: the swarm's environment
+    process steps the real ones."""
+    import gymnasium as gym
+    from stable_baselines3 import A2C, PPO
+    from stable_baselines3.common.logger import Logger
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    spaces = DummyVecEnv([lambda: gym.make("CartPole-v1")] * envs)
+    common: dict[str, Any] = {
+        "n_steps": train_every, "device": "cpu", "seed": seed, "verbose": 0,
+        "policy_kwargs": {"net_arch": {"pi": [16, 16], "vf": [16, 16]}}}
+    if algo == "ppo":
+        # One minibatch of the whole rollout: PPO's default of 64 exceeds 5 x B.
+        model = PPO("MlpPolicy", spaces, batch_size=train_every * envs, **common)
+    else:
+        model = A2C("MlpPolicy", spaces, **common)
+    model.set_logger(Logger(None, []))  # train() records its losses; nobody reads them here
+    return model
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    z = x - x.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+class Learner:
+    """The policy and its rollout: `act` gives the logits of an observation, `book` files
+    the transition that the next observation completes and trains when the buffer is full."""
+
+    def __init__(self, algorithm: Any, envs: int, seed: int) -> None:
+        import torch
+
+        self.torch = torch
+        self.algo = algorithm
+        self.policy = algorithm.policy
+        self.buffer = algorithm.rollout_buffer
+        self.gamma = float(algorithm.gamma)
+        self.envs = envs
+        self.rng = np.random.default_rng(seed)
+        self.policy.set_training_mode(False)
+        # What the previous observation gave: (obs, values, logits, episode starts).
+        self.prev: tuple[np.ndarray, Any, np.ndarray, np.ndarray] | None = None
+        self.updates = 0
+
+    def _latent(self, obs: np.ndarray) -> tuple[Any, Any]:
+        features = self.policy.extract_features(self.torch.as_tensor(obs))
+        return self.policy.mlp_extractor(features)  # type: ignore[no-any-return]
+
+    def act(self, obs: np.ndarray) -> tuple[np.ndarray, Any]:
+        """Logits (B, 2) and values (B,) of B observations, by the policy's own layers."""
+        with self.torch.no_grad():
+            latent_pi, latent_vf = self._latent(obs)
+            logits = self.policy.action_net(latent_pi)
+            values = self.policy.value_net(latent_vf).flatten()
+        return logits.numpy(), values
+
+    def value(self, obs: np.ndarray) -> np.ndarray:
+        with self.torch.no_grad():
+            return self.policy.predict_values(self.torch.as_tensor(obs)).flatten().numpy()
+
+    def book(self, msg: dict[str, Any], obs: np.ndarray, values: Any, logits: np.ndarray
+             ) -> bool:
+        """File the previous step's transition (its action, reward and end are in `msg`,
+        with the observation that followed); train when the rollout is full. True when it
+        trained."""
+        trained = False
+        starts = np.asarray(msg.get("DONE", [True] * self.envs), dtype=np.float32)
+        if self.prev is not None and "ACTION" in msg:
+            p_obs, p_values, p_logits, p_starts = self.prev
+            actions = np.asarray(msg["ACTION"], dtype=np.int64).reshape(self.envs)
+            rewards = np.asarray(msg["REWARD"], dtype=np.float32).reshape(self.envs).copy()
+            for row, final in (msg.get("FINAL") or {}).items():
+                # Cut by the time limit, not failed: the episode's value goes on.
+                rewards[int(row)] += self.gamma * float(
+                    self.value(np.asarray([final], dtype=np.float32))[0])
+            log_probs = log_softmax(p_logits)[np.arange(self.envs), actions]
+            self.buffer.add(p_obs, actions.reshape(self.envs, 1), rewards, p_starts, p_values,
+                            self.torch.as_tensor(log_probs))
+            if self.buffer.full:
+                self.buffer.compute_returns_and_advantage(last_values=values, dones=starts)
+                self.algo.train()
+                self.policy.set_training_mode(False)
+                self.buffer.reset()
+                self.updates += 1
+                trained = True
+        self.prev = (obs, values, logits, starts)
+        return trained
+
+    def weights(self) -> dict[str, list[float]]:
+        return {k: v.detach().cpu().numpy().ravel().tolist()
+                for k, v in self.policy.state_dict().items()}
+
+    def load(self, weights: dict[str, list[float]], noise: float) -> None:
+        """Another model's weights, plus Gaussian noise of std `noise`; the transitions
+        gathered with the old weights are dropped (the update is on-policy)."""
+        state = self.policy.state_dict()
+        missing = set(state) - set(weights)
+        if missing:
+            raise ValueError(f"weights without {sorted(missing)}")
+        new = {}
+        for name, old in state.items():
+            values = np.asarray(weights[name], dtype=np.float32).reshape(tuple(old.shape))
+            if noise > 0 and old.is_floating_point():
+                values = values + self.rng.normal(0.0, noise, values.shape).astype(np.float32)
+            new[name] = self.torch.as_tensor(values, dtype=old.dtype)
+        self.policy.load_state_dict(new)
+        self.buffer.reset()
+
+
+def serve(swarm: Any, model_id: str, learner: Learner, envs: int) -> dict[str, Any]:
+    """Answer observations until STOP; returns what this model did."""
+    observations = swarm.subscribe(OBSERVATION)
+    weights = swarm.subscribe(WEIGHTS)
+    model = swarm.model(model_id)
+    swarm.ready(timeout=60.0)  # the worker answers: logits sent from now on reach it
+    done = {"MODEL": model_id, "STEPS": 0, "UPDATES": 0, "SENT_WEIGHTS": 0, "LOADED": 0}
+    while True:
+        swarm.pump(1.0)
+        for msg in weights.drain():
+            handle_weights(swarm, model_id, learner, msg, done)
+        for msg in observations.drain():
+            if not isinstance(msg, dict):
+                continue
+            if msg.get("STOP"):
+                return done
+            if "HELLO" in msg:
+                swarm.publish(CONTROL, {"HELLO": msg["HELLO"], "MODEL": model_id})
+                continue
+            obs = np.asarray(msg["OBSERVATION"], dtype=np.float32).reshape(envs, OBS_DIM)
+            logits, values = learner.act(obs)
+            model.send(logits[0] if envs == 1 else logits, msg,
+                       deterministic=bool(msg.get("DETERMINISTIC", False)))
+            learner.book(msg, obs, values, logits)
+            done["STEPS"] += 1
+        done["UPDATES"] = learner.updates
+
+
+def handle_weights(swarm: Any, model_id: str, learner: Learner, msg: Any,
+                   done: dict[str, Any]) -> None:
+    if not isinstance(msg, dict):
+        return
+    if msg.get("CMD") == "COPY" and msg.get("FROM") == model_id:
+        swarm.publish(WEIGHTS, {"WEIGHTS": learner.weights(), "FROM": model_id,
+                                "TO": msg.get("TO"), "ROUND": msg.get("ROUND"),
+                                "NOISE": msg.get("NOISE", 0.0)})
+        done["SENT_WEIGHTS"] += 1
+    elif "WEIGHTS" in msg and msg.get("TO") == model_id:
+        learner.load(msg["WEIGHTS"], float(msg.get("NOISE") or 0.0))
+        done["LOADED"] += 1
+        swarm.publish(CONTROL, {"LOADED": msg.get("ROUND"), "MODEL": model_id,
+                                "FROM": msg.get("FROM")})
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m examples.cartpole_swarm.model",
+                                description=__doc__.split("\n\n")[0])
+    p.add_argument("-c", "--config", required=True, help="the run's config (the worker's)")
+    p.add_argument("--id", required=True, help="COMPONENT_ID")
+    p.add_argument("--envs", type=int, default=1, help="B, environments per step")
+    p.add_argument("--train-every", type=int, default=5, help="rollout length (steps)")
+    p.add_argument("--algo", choices=ALGOS, default="a2c")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(1)  # M processes share the cores: one thread each
+
+    from processor.client import connect
+
+    learner = Learner(make_algorithm(args.algo, args.envs, args.train_every, args.seed),
+                      args.envs, args.seed)
+    with connect(args.config, name=args.id) as swarm:
+        done = serve(swarm, args.id, learner, args.envs)
+        done["UPDATES"] = learner.updates
+        swarm.publish(CONTROL, {"BYE": args.id, **done})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
