@@ -29,6 +29,7 @@ Every figure is the median of `--repeats` runs with its min-max. Everything runs
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -51,10 +52,10 @@ DEFAULT_OUT = ROOT / "bench" / "results" / "latest.json"
 
 def _runner(name: str) -> Callable[[Plan], dict[str, Any]]:
     if name == "zmq_lockstep":
-        from .zmq_bench import lockstep_section
+        from .zmq_wire import lockstep_section
         return lockstep_section
     if name == "zmq_pipelined":
-        from .zmq_bench import pipelined_section
+        from .zmq_wire import pipelined_section
         return pipelined_section
     if name == "metrics":
         from .zmq_bench import metrics_section
@@ -124,6 +125,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="repeats of every figure (default 3, kernel and metrics 5; --quick 1)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT,
                    help="JSON output file (default %(default)s)")
+    p.add_argument("--before", type=Path, metavar="DIR",
+                   help="a checkout of an earlier commit (`git worktree add DIR REF`): its "
+                        "worker is measured beside this one in the ZeroMQ and cost sections")
     args = p.parse_args(argv)
     only = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = [s for s in only if s not in SECTIONS + OPT_IN]
@@ -132,6 +136,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                 f"{', '.join(SECTIONS + OPT_IN)}")
     if args.repeats is not None and args.repeats < 1:
         p.error("--repeats must be at least 1")
+    if args.before is not None and not (args.before / "processor" / "worker.py").is_file():
+        p.error(f"--before {args.before}: not a checkout of this project")
     args.sections = [s for s in SECTIONS + OPT_IN if s in only] if only else list(SECTIONS)
     return args
 
@@ -144,6 +150,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     plan = (Plan.quick() if args.quick else Plan()).with_repeats(args.repeats)
+    if args.before is not None:
+        plan = dataclasses.replace(plan, before=str(args.before.resolve()))
     result: dict[str, Any] = {"meta": _meta(plan, args.quick), "sections": {}}
     t0 = time.monotonic()
     failed = False

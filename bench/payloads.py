@@ -61,3 +61,33 @@ def keyed_prefixes(models: int, actions: int, env_id: str, pool: int = POOL
 
 def keyed_body(prefix: bytes, step: int) -> bytes:
     return prefix + b"%d}" % step
+
+
+def keyed_binary_prefixes(models: int, actions: int, env_id: str, pool: int = POOL
+                          ) -> list[list[tuple[bytes, bytes]]]:
+    """`[step][model]` binary logits messages of keyed windows: (JSON without LOGITS, cut
+    before the STEP value, float32 values), the two frames after the topic.
+
+    `keyed_body(prefix, step)` completes the JSON frame, as for `keyed_prefixes`.
+    """
+    out = []
+    for step in range(pool):
+        x = logits_matrix(models, actions, seed=step)
+        row = []
+        for m in range(models):
+            meta = orjson.dumps({"ENV_ID": env_id, "COMPONENT_ID": model_id(m),
+                                 "DETERMINISTIC": False})
+            row.append((meta[:-1] + b',"STEP":', np.asarray(x[m], dtype="<f4").tobytes()))
+        out.append(row)
+    return out
+
+
+def lockstep_binary(models: int, actions: int, pool: int = POOL) -> list[list[tuple[bytes,
+                                                                                   bytes]]]:
+    """`[step][model]` binary logits messages of lockstep windows (no step key)."""
+    out = []
+    for step in range(pool):
+        x = logits_matrix(models, actions, seed=step)
+        out.append([(orjson.dumps({"COMPONENT_ID": model_id(m), "DETERMINISTIC": False}),
+                     np.asarray(x[m], dtype="<f4").tobytes()) for m in range(models)])
+    return out

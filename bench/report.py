@@ -44,38 +44,6 @@ def latency(s: dict[str, Any]) -> list[str]:
             fig(s.get("max_us"))]
 
 
-def zmq_lockstep(r: dict[str, Any]) -> list[str]:
-    c = r["config"]
-    rows = []
-    for row in r["rows"]:
-        for name in ("worker", "pingpong"):
-            s = row[name]
-            rows.append([str(row["actions"]), name, fig(s["steps_per_s"]), *latency(s),
-                         cpu(s)])
-        rows.append(["", "ratio", f"{row['ratio_steps_per_s']:.2f}x steps/s",
-                     f"{row['ratio_p50']:.2f}x p50", "", "", "", ""])
-    return [(f"zmq_lockstep: M={c['models']}, lockstep, metrics {c['metrics']}; "
-             f"latency: {c['latency']}"),
-            *table(["A", "peer", "steps/s", *LATENCY_HEADER, "peer CPU"], rows)]
-
-
-def zmq_pipelined(r: dict[str, Any]) -> list[str]:
-    c = r["config"]
-    rows = []
-    for row in r["rows"]:
-        for name in ("worker", "raw"):
-            s = row[name]
-            rows.append([str(row["actions"]), name, fig(s["messages_per_s"]),
-                         fig(s["steps_per_s"]), fig(s.get("p50_us")), str(s["lost"]),
-                         cpu(s), cpu(s, "driver")])
-        rows.append(["", "ratio", f"{row['ratio_messages_per_s']:.2f}x msgs/s", "", "", "",
-                     "", ""])
-    return [(f"zmq_pipelined: M={c['models']}, key {c['key']}, K={c['inflight_windows']} "
-             f"windows in flight, metrics {c['metrics']}"),
-            *table(["A", "peer", "logits msgs/s", "steps/s", "p50 µs (queued)", "lost",
-                    "peer CPU", "driver CPU"], rows)]
-
-
 def swergio_lockstep(r: dict[str, Any]) -> list[str]:
     c = r["config"]
     rows = []

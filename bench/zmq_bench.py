@@ -1,4 +1,5 @@
-"""ZeroMQ sections: `zmq_lockstep`, `zmq_pipelined` and `metrics`.
+"""ZeroMQ peers and JSON drivers, and the `metrics` section (the sections `zmq_lockstep`
+and `zmq_pipelined`, JSON and binary frames, are `bench.zmq_wire`'s, on these peers).
 
 The driver (this process) plays the environment and the M models with a client swarm
 (`processor.client`): a PUB socket connected to the peer's SUB, a SUB socket connected to
@@ -27,6 +28,7 @@ import urllib.request
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Self
 
 import orjson
@@ -38,6 +40,7 @@ from processor.config import from_mapping
 from . import payloads
 from .common import (
     HOST,
+    ROOT,
     BenchError,
     Child,
     CpuMeter,
@@ -92,10 +95,14 @@ def handshake(swarm: Swarm, children: Sequence[Child],
 
 @contextmanager
 def peer(kind: str, plan: Plan, keyed: bool = False, metrics_port: int = 0) -> Iterator[Peer]:
-    """`worker`, `pingpong` (zmq-echo) or `raw` (zmq-echo --parse), connected and answering."""
+    """`worker`, `pingpong` (zmq-echo) or `raw` (zmq-echo --parse), connected and answering;
+    `before`: the worker of the checkout `plan.before`."""
     sub_ep = f"tcp://{HOST}:{free_port()}"
     pub_ep = f"tcp://{HOST}:{free_port()}"
-    if kind == "worker":
+    root = ROOT
+    if kind in ("worker", "before"):
+        if kind == "before":
+            root = Path(plan.before)  # the worker of an earlier checkout (--before)
         keys: dict[str, Any] = {"transport__zmq__sub": sub_ep,
                                 "transport__zmq__pub": pub_ep,
                                 "window__models": plan.models, "window__timeout_ms": 0,
@@ -114,7 +121,7 @@ def peer(kind: str, plan: Plan, keyed: bool = False, metrics_port: int = 0) -> I
     # in flight, so nothing is dropped at a high-water mark.
     cfg = from_mapping({"transport": {"zmq": {"sub": sub_ep, "pub": pub_ep, "sndhwm": 0,
                                               "rcvhwm": 0}}})
-    with spawn(kind, argv, env) as child, Swarm(cfg) as swarm:
+    with spawn(kind, argv, env, root=root) as child, Swarm(cfg) as swarm:
         swarm.environment()
         pub, sub = swarm.zmq_sockets()
         sub.setsockopt(zmq.RCVTIMEO, int(plan.action_timeout_s * 1000))
@@ -266,62 +273,6 @@ class Scraper:
 
 
 # -- sections ------------------------------------------------------------------------------
-
-
-def lockstep_section(plan: Plan) -> dict[str, Any]:
-    bodies = {a: payloads.lockstep_bodies(plan.models, a) for a in plan.lockstep_actions}
-    worker_runs: dict[int, list[Run]] = {a: [] for a in plan.lockstep_actions}
-    pong_runs: dict[int, list[Run]] = {a: [] for a in plan.lockstep_actions}
-    with ExitStack() as stack:
-        worker = stack.enter_context(peer("worker", plan))
-        pong = stack.enter_context(peer("pingpong", plan))
-        for _ in range(plan.repeats):
-            for a in plan.lockstep_actions:
-                for target, runs in ((worker, worker_runs), (pong, pong_runs)):
-                    runs[a].append(run_lockstep(target, bodies[a], plan.lockstep_steps,
-                                                plan.warmup_steps, plan.lockstep_max_s))
-    rows = []
-    for a in plan.lockstep_actions:
-        w, p = summarize(worker_runs[a]), summarize(pong_runs[a])
-        rows.append({"actions": a, "message_bytes": len(bodies[a][0][0]), "worker": w,
-                     "pingpong": p, "ratio_p50": ratio(w, p, "p50_us"),
-                     "ratio_steps_per_s": ratio(w, p, "steps_per_s")})
-    return {"config": {"models": plan.models, "mode": "lockstep", "repeats": plan.repeats,
-                       "steps_per_repeat": plan.lockstep_steps,
-                       "max_s_per_repeat": plan.lockstep_max_s,
-                       "warmup_steps": plan.warmup_steps, "metrics": "off (port 0)",
-                       "deterministic": False,
-                       "latency": "publish of the window's last message -> action received"},
-            "rows": rows}
-
-
-def pipelined_section(plan: Plan) -> dict[str, Any]:
-    rows = []
-    for a in plan.pipelined_actions:
-        worker_runs: list[Run] = []
-        raw_runs: list[Run] = []
-        with ExitStack() as stack:
-            worker = stack.enter_context(peer("worker", plan, keyed=True))
-            raw = stack.enter_context(peer("raw", plan))
-            for rep in range(plan.repeats):
-                for target, runs in ((worker, worker_runs), (raw, raw_runs)):
-                    # A fresh ENV_ID per run: the worker remembers closed keys (late).
-                    prefixes = payloads.keyed_prefixes(plan.models, a, f"{target.child.name}"
-                                                       f"-{a}-{rep}")
-                    runs.append(run_pipelined(target, prefixes, plan.inflight,
-                                              plan.pipelined_windows, plan.warmup_steps,
-                                              plan.pipelined_max_s))
-        w = summarize(worker_runs, messages=True)
-        r = summarize(raw_runs, messages=True)
-        rows.append({"actions": a, "worker": w, "raw": r,
-                     "ratio_messages_per_s": ratio(w, r, "messages_per_s")})
-    return {"config": {"models": plan.models, "key": ["ENV_ID", "STEP"],
-                       "inflight_windows": plan.inflight, "repeats": plan.repeats,
-                       "windows_per_repeat": plan.pipelined_windows,
-                       "max_s_per_repeat": plan.pipelined_max_s, "metrics": "off (port 0)",
-                       "latency": "last message of a window -> its action, queueing behind "
-                                  "the other windows in flight included"},
-            "rows": rows}
 
 
 def metrics_section(plan: Plan) -> dict[str, Any]:

@@ -174,13 +174,11 @@ def _array_of(raw: Any, sender: str, max_actions: int, max_batch: int) -> np.nda
     return _convert_rows(raw, sender, max_actions, max_batch)
 
 
-def _key_of(obj: dict[str, Any], key_fields: Sequence[str], sender: str) -> tuple[Any, ...]:
-    key = tuple([obj.get(f) for f in key_fields])
+def _bad_key(key_fields: Sequence[str], key: tuple[Any, ...], sender: str) -> None:
     for f, v in zip(key_fields, key):
         # exact classes: bool (a subclass of int) and floats are no step key
         if v.__class__ is not int and v.__class__ is not str:
             raise DecodeError("bad_key", f"step-key field {f} is {v!r}", sender)
-    return key
 
 
 def parse_logits(obj: dict[str, Any], key_fields: Sequence[str],
@@ -202,7 +200,12 @@ def parse_logits(obj: dict[str, Any], key_fields: Sequence[str],
     if det is not None and det.__class__ is not bool:
         raise DecodeError("bad_deterministic", f"DETERMINISTIC of type {type(det).__name__}",
                           sender)
-    key = _key_of(obj, key_fields, sender) if key_fields else ()
+    key: tuple[Any, ...] = ()
+    if key_fields:
+        key = tuple(map(obj.get, key_fields))
+        for v in key:
+            if v.__class__ is not int and v.__class__ is not str:
+                _bad_key(key_fields, key, sender)
     extra = None
     if "ROOT_ID" in obj or "MODEL_STATUS" in obj:
         extra = {f: obj[f] for f in PROPAGATED if f in obj}

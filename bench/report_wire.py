@@ -1,0 +1,94 @@
+"""The printed tables of `zmq_lockstep`, `zmq_pipelined` and `cost` (see `bench.report`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .report import LATENCY_HEADER, cpu, fig, latency, num, table
+
+
+def spread(runs: list[float], digits: int = 2) -> str:
+    """`median [min-max]` of per-repeat ratios."""
+    xs = sorted(runs)
+    if not xs:
+        return "-"
+    n = len(xs)
+    med = xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
+    if n == 1:
+        return f"{med:.{digits}f}x"
+    return f"{med:.{digits}f}x [{xs[0]:.{digits}f}-{xs[-1]:.{digits}f}]"
+
+
+def _workers(row: dict[str, Any]) -> list[str]:
+    return [k for k in ("worker", "before") if k in row]
+
+
+def zmq_lockstep(r: dict[str, Any]) -> list[str]:
+    c = r["config"]
+    rows = []
+    for row in r["rows"]:
+        for name in (*_workers(row), "pingpong"):
+            s = row[name]
+            rows.append([str(row["actions"]), row["encoding"], name, fig(s["steps_per_s"]),
+                         *latency(s), cpu(s)])
+        for name in _workers(row):
+            rows.append(["", "", f"{name}/pingpong",
+                         f"{row[name]['ratio_steps_per_s']:.2f}x steps/s",
+                         spread(row[name]["ratio_p50_runs"]) + " p50", "", "", "", ""])
+    out = [(f"zmq_lockstep: M={c['models']}, lockstep, metrics {c['metrics']}; "
+            f"latency: {c['latency']}; ratios repeat by repeat, median [min-max]"),
+           *table(["A", "frames", "peer", "steps/s", *LATENCY_HEADER, "peer CPU"], rows)]
+    out += ["", "  where a lockstep window's microseconds go (p50, µs; the worker's own parts "
+                "in process, thread CPU time)",
+            *table(["A", "frames", "worker latency", "ping-pong", "driver publishing M msgs",
+                    "worker: M-1 earlier msgs", "worker: last msg -> action",
+                    "of it: decode", "of it: aggregate", "rest (wake-ups, loop)",
+                    "books after the action"], [_breakdown(row) for row in r["rows"]])]
+    return out
+
+
+def breakdown_parts(row: dict[str, Any]) -> dict[str, float]:
+    """The lockstep latency's parts (µs): the floor, the worker's own path, the rest.
+
+    The earlier M - 1 messages delay the action only by what is left of their decoding when
+    the driver publishes the last one (their CPU time beyond the driver's publishing time).
+    """
+    b = row["breakdown"]
+    total = row["worker"]["p50_us"]["median"]
+    floor = row["pingpong"]["p50_us"]["median"]
+    backlog = max(0.0, b["earlier_messages_us"] - row["send_span_us"])
+    own = b["last_message_to_action_us"]
+    return {"latency": total, "pingpong": floor, "send_span": row["send_span_us"],
+            "earlier": b["earlier_messages_us"], "backlog": backlog, "to_action": own,
+            "decode": b["last_message_decode_us"], "aggregate": b["aggregate_us"],
+            "rest": total - floor - backlog - own, "books": b["books_after_action_us"]}
+
+
+def _breakdown(row: dict[str, Any]) -> list[str]:
+    p = breakdown_parts(row)
+    return [str(row["actions"]), row["encoding"], num(p["latency"]), num(p["pingpong"]),
+            num(p["send_span"]), f"{num(p['earlier'])} (left: {num(p['backlog'])})",
+            num(p["to_action"]), num(p["decode"]), num(p["aggregate"]), num(p["rest"]),
+            num(p["books"])]
+
+
+def zmq_pipelined(r: dict[str, Any]) -> list[str]:
+    c = r["config"]
+    rows = []
+    for row in r["rows"]:
+        for name in (*_workers(row), "raw"):
+            s = row[name]
+            rows.append([str(row["actions"]), row["encoding"], name, fig(s["messages_per_s"]),
+                         fig(s["steps_per_s"]), fig(s.get("p50_us")), str(s["lost"]),
+                         cpu(s), cpu(s, "driver")])
+        for name in _workers(row):
+            extra = ""
+            if "binary_over_json_runs" in row[name]:
+                extra = f"binary/JSON {spread(row[name]['binary_over_json_runs'])} steps/s"
+            rows.append(["", "", f"{name}/raw", spread(row[name]["ratio_runs"]) + " msgs/s",
+                         extra, "", "", "", ""])
+    return [(f"zmq_pipelined: M={c['models']}, key {c['key']}, K={c['inflight_windows']} "
+             f"windows in flight, metrics {c['metrics']}; raw: {c['raw']}; ratios repeat "
+             "by repeat, median [min-max]"),
+            *table(["A", "frames", "peer", "logits msgs/s", "steps/s", "p50 µs (queued)",
+                    "lost", "peer CPU", "driver CPU"], rows)]

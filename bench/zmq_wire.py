@@ -1,0 +1,378 @@
+"""ZeroMQ sections `zmq_lockstep` and `zmq_pipelined`: JSON and binary logits, each beside
+its floor in the same run, and where the lockstep microseconds go.
+
+The peers and the handshake are `bench.zmq_bench`'s; the drivers here send any frames
+(`[b"logits", JSON]`, or binary logits `[b"logits", JSON header, float32 values]`), all
+encoded before the clock starts.
+
+- lockstep: a window's M messages, then wait for its action; latency from the publish of
+  the window's last message to the action's arrival. Floor: the ZeroMQ ping-pong (a peer
+  that answers every M-th message without reading it), with the same frames.
+- pipelined: keyed windows (ENV_ID, STEP), K windows outstanding (a new window when an
+  action comes back). Floor: the bare receiver (`recv_multipart` + `orjson.loads` of each
+  JSON frame, and `np.frombuffer` of the values of binary logits).
+- breakdown (lockstep): the worker's own path, measured in this process with the worker's
+  classes and a transport that only notes when the action is handed over (thread CPU
+  time, median over windows): the earlier M - 1 messages, the last message up to the
+  action, the books kept after it. Beside the ping-pong and the worker's latency, what is
+  left is the wake-ups and the event loop.
+
+With `--before DIR` (a checkout of an earlier commit) a worker run from DIR is measured
+beside the current one, in the same run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import statistics
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from typing import Any
+
+import numpy as np
+import orjson
+import zmq
+
+from . import payloads
+from .common import BenchError, CpuMeter, Plan, Run, ratio, summarize
+from .zmq_bench import Peer, peer
+
+Frames = tuple[bytes, ...]
+JSON, BINARY = "json", "binary"
+
+
+# -- messages ------------------------------------------------------------------------------
+
+
+def lockstep_frames(models: int, actions: int, encoding: str) -> list[list[Frames]]:
+    """`[step][model]` complete messages of lockstep windows."""
+    if encoding == BINARY:
+        return [[(b"logits", meta, values) for meta, values in row]
+                for row in payloads.lockstep_binary(models, actions)]
+    return [[(b"logits", body) for body in row]
+            for row in payloads.lockstep_bodies(models, actions)]
+
+
+def keyed_frames(models: int, actions: int, env_id: str, encoding: str
+                 ) -> list[list[tuple[bytes, Frames]]]:
+    """`[step][model]` (JSON prefix cut before the STEP value, frames after the JSON)."""
+    if encoding == BINARY:
+        return [[(prefix, (values,)) for prefix, values in row]
+                for row in payloads.keyed_binary_prefixes(models, actions, env_id)]
+    return [[(prefix, ()) for prefix in row]
+            for row in payloads.keyed_prefixes(models, actions, env_id)]
+
+
+# -- drivers -------------------------------------------------------------------------------
+
+
+def run_lockstep(p: Peer, rows: list[list[Frames]], steps: int, warmup: int,
+                 max_s: float) -> tuple[Run, list[int]]:
+    """Lockstep windows: steps/s, the latency from the last publish to the action, and how
+    long the driver took to publish each window's messages (first to last publish)."""
+    send, recv = p.link.pub.send_multipart, p.link.sub.recv_multipart
+    pool = len(rows)
+    clock = time.perf_counter_ns
+    latencies: list[int] = []
+    spans: list[int] = []
+    meter = CpuMeter(peer=p.child.pid)
+    max_ns = int(max_s * 1e9)
+    done = 0
+    start = 0
+    gc.disable()
+    try:
+        for i in range(-warmup, steps):
+            if i == 0:
+                meter.start()
+                start = clock()
+            row = rows[i % pool]
+            first = clock()
+            for msg in row[:-1]:
+                send(msg)
+            t0 = clock()
+            send(row[-1])
+            while True:
+                try:
+                    topic, _ = recv()
+                except zmq.Again:
+                    p.child.check()
+                    raise BenchError(f"{p.child.name}: no action for step {i}") from None
+                if topic == b"action":
+                    break
+            t1 = clock()
+            if i >= 0:
+                latencies.append(t1 - t0)
+                spans.append(t0 - first)
+                done += 1
+                if t1 - start > max_ns:
+                    break
+        end = clock()
+    finally:
+        gc.enable()
+    run = Run(done, (end - start) / 1e9, done * len(rows[0]), latencies)
+    return meter.stop(run), spans
+
+
+def run_pipelined(p: Peer, rows: list[list[tuple[bytes, Frames]]], inflight: int,
+                  windows: int, warmup: int, max_s: float) -> Run:
+    """K keyed windows outstanding; the rate while the pipe is full, and any loss."""
+    send, sub = p.link.pub.send_multipart, p.link.sub
+    recv = sub.recv_multipart
+    loads = orjson.loads
+    pool = len(rows)
+    models = len(rows[0])
+    clock = time.perf_counter_ns
+    sent_at: dict[int, int] = {}
+    latencies: list[int] = []
+    meter = CpuMeter(peer=p.child.pid)
+    max_ns = int(max_s * 1e9)
+    warmup = max(warmup, 1)  # the clock starts at an action's arrival
+    total = warmup + windows
+    nxt = received = duplicates = done = 0
+    start = end = 0
+    sending = True
+    if rows[0][0][1]:
+        def window(row: list[tuple[bytes, Frames]], n: int) -> None:
+            for prefix, (values,) in row:
+                send((b"logits", prefix + b"%d}" % n, values))
+    else:
+        def window(row: list[tuple[bytes, Frames]], n: int) -> None:
+            for prefix, _ in row:
+                send((b"logits", prefix + b"%d}" % n))
+    gc.disable()
+    try:
+        while nxt < inflight:
+            window(rows[nxt % pool], nxt)
+            sent_at[nxt] = clock()
+            nxt += 1
+        while sent_at:
+            try:
+                topic, body = recv()
+            except zmq.Again:
+                p.child.check()
+                break  # nothing for action_timeout_s: what is outstanding is lost
+            if topic != b"action":
+                continue
+            now = clock()
+            t = sent_at.pop(loads(body)["STEP"], None)
+            if t is None:
+                duplicates += 1
+                continue
+            received += 1
+            if received == warmup:
+                meter.start()
+                start = now
+            elif received > warmup and sending:
+                latencies.append(now - t)
+            if sending:
+                if received >= total or (start and now - start > max_ns):
+                    sending = False
+                    end = now
+                    done = received - warmup
+                    continue
+                window(rows[nxt % pool], nxt)
+                sent_at[nxt] = clock()
+                nxt += 1
+    finally:
+        gc.enable()
+    if sending:
+        raise BenchError(f"{p.child.name}: the pipeline stalled after {received} windows "
+                         f"({len(sent_at)} outstanding lost)")
+    run = Run(done, (end - start) / 1e9, done * models, latencies, lost=len(sent_at),
+              duplicates=duplicates)
+    return meter.stop(run)
+
+
+# -- sections ------------------------------------------------------------------------------
+
+
+def _workers(plan: Plan) -> tuple[str, ...]:
+    return ("worker", "before") if plan.before else ("worker",)
+
+
+@contextmanager
+def _peers(kinds: Sequence[str], plan: Plan, keyed: bool = False) -> Iterator[dict[str, Peer]]:
+    with ExitStack() as stack:
+        yield {k: stack.enter_context(peer(k, plan, keyed=keyed)) for k in kinds}
+
+
+def lockstep_cases(plan: Plan) -> list[tuple[int, str]]:
+    return ([(a, JSON) for a in plan.lockstep_actions]
+            + [(a, BINARY) for a in plan.lockstep_binary_actions])
+
+
+def lockstep_section(plan: Plan) -> dict[str, Any]:
+    cases = lockstep_cases(plan)
+    frames = {c: lockstep_frames(plan.models, c[0], c[1]) for c in cases}
+    kinds = (*_workers(plan), "pingpong")
+    runs: dict[tuple[int, str], dict[str, list[Run]]] = {c: {k: [] for k in kinds}
+                                                         for c in cases}
+    spans: dict[tuple[int, str], list[int]] = {c: [] for c in cases}
+    with _peers(kinds, plan) as peers:
+        for _ in range(plan.repeats):
+            for c in cases:
+                for k in kinds:
+                    run, span = run_lockstep(peers[k], frames[c], plan.lockstep_steps,
+                                             plan.warmup_steps, plan.lockstep_max_s)
+                    runs[c][k].append(run)
+                    if k == "worker":
+                        spans[c] += span
+    rows = []
+    for c in cases:
+        row: dict[str, Any] = {"actions": c[0], "encoding": c[1],
+                               "message_bytes": sum(map(len, frames[c][0][0][1:]))}
+        for k in kinds:
+            row[k] = summarize(runs[c][k])
+        p = row["pingpong"]
+        for k in _workers(plan):
+            row[k]["ratio_p50"] = ratio(row[k], p, "p50_us")
+            row[k]["ratio_p50_runs"] = _paired_ratios(runs[c][k], runs[c]["pingpong"])
+            row[k]["ratio_steps_per_s"] = ratio(row[k], p, "steps_per_s")
+        row["ratio_p50"] = row["worker"]["ratio_p50"]
+        row["ratio_steps_per_s"] = row["worker"]["ratio_steps_per_s"]
+        row["send_span_us"] = statistics.median(spans[c]) / 1e3
+        row["breakdown"] = lockstep_breakdown(plan, c[0], c[1])
+        rows.append(row)
+    return {"config": {"models": plan.models, "mode": "lockstep", "repeats": plan.repeats,
+                       "steps_per_repeat": plan.lockstep_steps,
+                       "max_s_per_repeat": plan.lockstep_max_s,
+                       "warmup_steps": plan.warmup_steps, "metrics": "off (port 0)",
+                       "deterministic": False, "before": plan.before or None,
+                       "latency": "publish of the window's last message -> action received"},
+            "rows": rows}
+
+
+def _paired_ratios(worker: Sequence[Run], base: Sequence[Run], q: float = 50) -> list[float]:
+    """The worker's p50 over the floor's, repeat by repeat (measured back to back)."""
+    from .common import percentile
+
+    return [percentile(sorted(w.latencies_ns), q) / percentile(sorted(b.latencies_ns), q)
+            for w, b in zip(worker, base)]
+
+
+def pipelined_section(plan: Plan) -> dict[str, Any]:
+    cases = [(a, e) for a in plan.pipelined_actions for e in (JSON, BINARY)]
+    kinds = (*_workers(plan), "raw")
+    runs: dict[tuple[int, str], dict[str, list[Run]]] = {c: {k: [] for k in kinds}
+                                                         for c in cases}
+    with _peers(kinds, plan, keyed=True) as peers:
+        for rep in range(plan.repeats):
+            for c in cases:
+                for k in kinds:
+                    # A fresh ENV_ID per run: the worker remembers closed keys (late).
+                    rows = keyed_frames(plan.models, c[0], f"{k}-{c[0]}-{c[1]}-{rep}", c[1])
+                    runs[c][k].append(run_pipelined(peers[k], rows, plan.inflight,
+                                                    plan.pipelined_windows, plan.warmup_steps,
+                                                    plan.pipelined_max_s))
+    out = []
+    for c in cases:
+        row: dict[str, Any] = {"actions": c[0], "encoding": c[1]}
+        for k in kinds:
+            row[k] = summarize(runs[c][k], messages=True)
+        for k in _workers(plan):
+            row[k]["ratio_messages_per_s"] = ratio(row[k], row["raw"], "messages_per_s")
+            row[k]["ratio_runs"] = [w.messages_per_s / r.messages_per_s
+                                    for w, r in zip(runs[c][k], runs[c]["raw"])]
+        row["ratio_messages_per_s"] = row["worker"]["ratio_messages_per_s"]
+        out.append(row)
+    by = {(r["actions"], r["encoding"]): r for r in out}
+    for a in plan.pipelined_actions:
+        b, j = by[(a, BINARY)], by[(a, JSON)]
+        for k in _workers(plan):
+            b[k]["binary_over_json"] = ratio(b[k], j[k], "steps_per_s")
+            b[k]["binary_over_json_runs"] = [x.steps_per_s / y.steps_per_s for x, y in
+                                             zip(runs[(a, BINARY)][k], runs[(a, JSON)][k])]
+    return {"config": {"models": plan.models, "key": ["ENV_ID", "STEP"],
+                       "inflight_windows": plan.inflight, "repeats": plan.repeats,
+                       "windows_per_repeat": plan.pipelined_windows,
+                       "max_s_per_repeat": plan.pipelined_max_s, "metrics": "off (port 0)",
+                       "before": plan.before or None,
+                       "raw": "recv_multipart + orjson.loads of the JSON frame (+ np.frombuffer "
+                              "of binary values)",
+                       "latency": "last message of a window -> its action, queueing behind "
+                                  "the other windows in flight included"},
+            "rows": out}
+
+
+# -- the lockstep path in process ----------------------------------------------------------
+
+
+class _Probe:
+    """A transport that notes when the action is handed over, and nothing else."""
+
+    acks = False
+    ready = True
+
+    def __init__(self) -> None:
+        self.on_reject: Any = None
+        self.at = 0
+
+    async def publish(self, topic: str, payload: bytes, dedup: str | None = None) -> bool:
+        self.at = time.thread_time_ns()
+        return True
+
+    async def settle(self, tokens: list[Any]) -> None:
+        pass
+
+    def stamp(self, topic: str) -> dict[str, Any] | None:
+        return None
+
+
+def lockstep_breakdown(plan: Plan, actions: int, encoding: str) -> dict[str, Any]:
+    """The worker's CPU time per lockstep window, in this process, by part (µs, median)."""
+    from processor.aggregate import use_one_thread
+    from processor.config import from_mapping
+    from processor.messages import decode_logits
+    from processor.worker import Worker
+
+    use_one_thread()
+    cfg = from_mapping({"window": {"models": plan.models, "timeout_ms": 0},
+                        "metrics": {"port": 0}})
+    probe = _Probe()
+    worker = Worker(cfg, probe)  # type: ignore[arg-type]
+    rows = [[m[1] if len(m) == 2 else (m[1], m[2]) for m in row]
+            for row in lockstep_frames(plan.models, actions, encoding)]
+    lim = cfg.limits
+    clock = time.thread_time_ns
+    parts: dict[str, list[int]] = {"earlier": [], "to_action": [], "books": [], "decode": [],
+                                   "aggregate": []}
+    det = np.zeros(1, dtype=bool)
+
+    async def go(n: int) -> None:
+        for i in range(n):
+            row = rows[i % len(rows)]
+            now = time.monotonic()
+            t0 = clock()
+            await worker.handle([("logits", m, now, None) for m in row[:-1]])
+            t1 = clock()
+            await worker.handle([("logits", row[-1], now, None)])
+            t2 = clock()
+            last = decode_logits(row[-1], (), lim.max_message_bytes, lim.max_actions,
+                                 lim.max_batch)
+            t3 = clock()
+            x = np.concatenate([last.logits] * plan.models).reshape(1, plan.models, 1, -1)
+            t4 = clock()
+            worker.strategy.aggregate(x, det)
+            t5 = clock()
+            parts["aggregate"].append(t5 - t4)
+            parts["earlier"].append(t1 - t0)
+            parts["to_action"].append(probe.at - t1)
+            parts["books"].append(t2 - probe.at)
+            parts["decode"].append(t3 - t2)
+
+    n = max(20, plan.breakdown_windows)
+    gc.disable()
+    try:
+        asyncio.run(go(n // 4))  # warm-up
+        for v in parts.values():
+            v.clear()
+        asyncio.run(go(n))
+    finally:
+        gc.enable()
+    med = {k: statistics.median(v) / 1e3 for k, v in parts.items()}
+    return {"windows": n, "clock": "thread CPU time", "earlier_messages_us": med["earlier"],
+            "last_message_to_action_us": med["to_action"],
+            "last_message_decode_us": med["decode"], "aggregate_us": med["aggregate"],
+            "books_after_action_us": med["books"]}
