@@ -34,13 +34,15 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager, suppress
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import orjson
+
+from processor.client import AsyncEnvironment, AsyncModel, AsyncSwarm, NoReply, connect_async
+from processor.config import Config, from_mapping
 
 ROOT = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.1"
@@ -135,7 +137,7 @@ def worker_argv() -> list[str]:
 
 
 class Bodies:
-    """Pre-encoded logits messages: [pool][model] bodies with the step key filled in later."""
+    """Logits rows drawn before the run: [pool][model] rows of A floats."""
 
     def __init__(self, models: int, actions: int, pool: int = 16) -> None:
         rng = np.random.default_rng(0)
@@ -143,36 +145,40 @@ class Bodies:
         self.rows = [rng.normal(0, 2, (models, actions)).astype(np.float32).tolist()
                      for _ in range(pool)]
 
-    def window(self, env: str, step: int) -> list[bytes]:
-        rows = self.rows[step % len(self.rows)]
-        return [orjson.dumps({"ENV_ID": env, "STEP": step, "COMPONENT_ID": f"m{m}",
-                              "DETERMINISTIC": False, "LOGITS": rows[m]})
-                for m in range(self.models)]
-
 
 class Driver:
-    """Models and environment: send windows, await actions by step key."""
+    """Models and environment as peers of the client library (`processor.client`) on the
+    workers' own config: each window's M messages sent at once, its action awaited by step
+    key (on NATS: JetStream publishes, each awaited for its PubAck, and the live actions of
+    `action.>`)."""
 
-    def __init__(self) -> None:
-        self.waiting: dict[tuple[str, int], asyncio.Future[float]] = {}
+    def __init__(self, cfg: Config, models: int) -> None:
+        self.cfg = cfg
+        self.models = models
+        self.swarm: AsyncSwarm | None = None
+        self.env: AsyncEnvironment | None = None
+        self.peers: list[AsyncModel] = []
         self.steps = itertools.count()  # step numbers never repeat within a run
 
-    def arrived(self, body: bytes) -> None:
-        obj = orjson.loads(body)
-        fut = self.waiting.pop((obj.get("ENV_ID"), obj.get("STEP")), None)
-        if fut is not None and not fut.done():
-            fut.set_result(time.perf_counter())
-
-    async def send(self, env: str, bodies: list[bytes]) -> None:
-        raise NotImplementedError
+    async def start(self, timeout: float = 60.0) -> None:
+        self.swarm = swarm = await connect_async(self.cfg)
+        self.env = await swarm.environment()
+        self.peers = [swarm.model(f"m{m}", deterministic=False) for m in range(self.models)]
+        try:
+            await swarm.ready(timeout)  # every partition answers: every worker is up
+        except NoReply as e:
+            raise SystemExit(f"the workers did not answer: {e}") from None
 
     async def window(self, bodies: Bodies, env: str, step: int) -> float:
         """One window; the seconds from its last message sent to its action."""
-        fut: asyncio.Future[float] = asyncio.get_running_loop().create_future()
-        self.waiting[(env, step)] = fut
-        await self.send(env, bodies.window(env, step))
+        assert self.env is not None
+        rows = bodies.rows[step % len(bodies.rows)]
+        key = (env, step)
+        action = asyncio.ensure_future(self.env.wait(key, timeout=30))
+        await asyncio.gather(*(model.send(rows[m], key) for m, model in enumerate(self.peers)))
         sent = time.perf_counter()
-        return await asyncio.wait_for(fut, 30) - sent
+        await action
+        return time.perf_counter() - sent
 
     async def latency(self, bodies: Bodies, steps: int, env: str = "lat") -> list[float]:
         return [await self.window(bodies, env, next(self.steps)) for _ in range(steps)]
@@ -194,88 +200,15 @@ class Driver:
         await asyncio.gather(*(lane(k) for k in range(inflight)))
         return done, time.perf_counter() - t0
 
-
-class ZmqDriver(Driver):
-    def __init__(self, sub: str, pub: str) -> None:
-        import zmq
-        import zmq.asyncio
-
-        super().__init__()
-        self.ctx = zmq.asyncio.Context()
-        self.pub = self.ctx.socket(zmq.PUB)
-        self.pub.setsockopt(zmq.SNDHWM, 0)
-        self.pub.connect(sub)
-        self.sub = self.ctx.socket(zmq.SUB)
-        self.sub.setsockopt(zmq.RCVHWM, 0)
-        self.sub.connect(pub)
-        self.sub.setsockopt(zmq.SUBSCRIBE, b"action")
-        self.sub.setsockopt(zmq.SUBSCRIBE, b"evolution")
-        self.reader: asyncio.Task[None] | None = None
-        self.replied = asyncio.Event()
-
-    async def start(self) -> None:
-        self.reader = asyncio.create_task(self._read())
-        end = time.monotonic() + 30
-        while not self.replied.is_set():   # slow joiner: GET until answered
-            if time.monotonic() > end:
-                raise SystemExit("the ZeroMQ worker never answered")
-            await self.pub.send_multipart([b"evolution", b'{"CMD": "GET"}'])
-            with suppress(TimeoutError):
-                await asyncio.wait_for(self.replied.wait(), 0.2)
-
-    async def _read(self) -> None:
-        while True:
-            topic, body = await self.sub.recv_multipart()
-            if topic == b"action":
-                self.arrived(body)
-            elif b"CONTRIBUTION" in body:
-                self.replied.set()
-
-    async def send(self, env: str, bodies: list[bytes]) -> None:
-        for b in bodies:
-            await self.pub.send_multipart([b"logits", b])
-
     async def close(self) -> None:
-        if self.reader:
-            self.reader.cancel()
-        self.pub.close(0)
-        self.sub.close(0)
-        self.ctx.term()
+        if self.swarm is not None:
+            await self.swarm.aclose()
 
 
-class NatsDriver(Driver):
-    def __init__(self, url: str) -> None:
-        super().__init__()
-        self.url = url
-        self.nc: Any = None
-        self.js: Any = None
-
-    async def start(self, workers: int, partitions: int) -> None:
-        import nats
-
-        from processor.config import from_mapping
-        from transports import natsio
-
-        cfg = from_mapping({"transport": {"nats": {"servers": [self.url],
-                                                   "partitions": partitions}}})
-        await natsio.setup(cfg)
-        self.nc = await nats.connect(self.url)
-        self.js = self.nc.jetstream()
-        await self.nc.subscribe("action.>", cb=self._on_action)
-        _, missing = await natsio.gather(cfg, "PEEK", timeout=60)
-        if missing:
-            raise SystemExit(f"no NATS worker serves partitions {missing}")
-
-    async def _on_action(self, msg: Any) -> None:
-        self.arrived(msg.data)
-
-    async def send(self, env: str, bodies: list[bytes]) -> None:
-        subject = f"logits.{env}"
-        futures = [await self.js.publish_async(subject, b) for b in bodies]
-        await asyncio.gather(*futures)
-
-    async def close(self) -> None:
-        await self.nc.close()
+def peer_config(transport: dict[str, Any]) -> Config:
+    """The workers' config as their peers read it: transport, the step key, a deadline."""
+    return from_mapping({"transport": transport,
+                         "window": {"key": ["ENV_ID", "STEP"], "timeout_ms": 5000}})
 
 
 def summary(case: str, workers: int, models: int, done: int, elapsed: float,
@@ -293,7 +226,9 @@ async def bench_zmq(args: argparse.Namespace, bodies: Bodies, folder: Path) -> R
     with child(worker_argv(), env, folder / "zmq-worker.log") as proc:
         PIDS.clear()
         PIDS["worker"] = [proc.pid]
-        driver = ZmqDriver(sub, pub)
+        # Unbounded queues: what is in flight is bounded by --inflight.
+        driver = Driver(peer_config({"kind": "zmq", "zmq": {
+            "sub": sub, "pub": pub, "sndhwm": 0, "rcvhwm": 0}}), args.models)
         try:
             await driver.start()
             return await measure(driver, "zmq", 1, args, bodies)
@@ -314,9 +249,10 @@ async def bench_nats(args: argparse.Namespace, bodies: Bodies, folder: Path,
             proc = stack.enter_context(child(worker_argv(), env,
                                              folder / f"nats-{workers}-worker{k}.log"))
             PIDS.setdefault("worker", []).append(proc.pid)
-        driver = NatsDriver(url)
+        driver = Driver(peer_config({"kind": "nats", "nats": {
+            "servers": [url], "partitions": args.partitions}}), args.models)
         try:
-            await driver.start(workers, args.partitions)
+            await driver.start()
             return await measure(driver, "nats", workers, args, bodies)
         finally:
             await driver.close()

@@ -72,6 +72,11 @@ def merger(cfg: Config) -> tuple[int | None, Any]:
     return cfg.transport.nats.partitions, merge_replies
 
 
+def _wake(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
 class AsyncSwarm:
     """The peers of one process on one connection: models, environments, an evolution
     component, and plain publish/subscribe. Built from the worker's own Config."""
@@ -114,16 +119,14 @@ class AsyncSwarm:
         woken = self.inbox.put(topic, payload)
         if woken is not None:
             for fut in self._waiters.pop(woken, ()):
-                if not fut.done():
-                    fut.set_result(None)
+                _wake(fut)
 
     def lost(self, error: BaseException) -> None:
         self._failure = error
         waiters, self._waiters = self._waiters, {}
         for futs in waiters.values():
             for fut in futs:
-                if not fut.done():
-                    fut.set_result(None)
+                _wake(fut)
 
     async def _until(self, token: tuple[str, Any], take: Any, deadline: float | None,
                      what: str) -> Any:
@@ -141,11 +144,13 @@ class AsyncSwarm:
             fut: asyncio.Future[None] = loop.create_future()
             futs = self._waiters.setdefault(token, set())
             futs.add(fut)
+            # A timer rather than wait_for: thousands of waits in flight stay cheap.
+            timer = None if left is None else loop.call_later(left, _wake, fut)
             try:
-                await asyncio.wait_for(fut, left)
-            except TimeoutError:
-                pass
+                await fut
             finally:
+                if timer is not None:
+                    timer.cancel()
                 futs.discard(fut)
                 if not futs and self._waiters.get(token) is futs:
                     del self._waiters[token]

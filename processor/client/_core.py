@@ -80,6 +80,9 @@ class Keys:
         """A key given as a mapping (extra entries ignored: an observation will do), as
         values in `window.key` order, or as one value when the key has one field."""
         fields = self.fields
+        if key.__class__ is tuple and len(key) == len(fields) and all(  # the usual form
+                v.__class__ is str or v.__class__ is int for v in key):
+            return key
         if not fields:
             if key is None or isinstance(key, Mapping):
                 return ()

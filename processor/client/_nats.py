@@ -27,6 +27,7 @@ from typing import Any
 import nats
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.js import JetStreamContext
 
 from processor.config import Config
 from transports.natsio import connect_options, subject_token
@@ -45,6 +46,23 @@ def msg_id(model_id: str, key: tuple[Any, ...]) -> str:
     return "|".join([model_id, *map(str, key)])
 
 
+async def _acked(ack: asyncio.Future[Any], timeout: float) -> bool:
+    """Await a PubAck; False when none came within `timeout` (the future is cancelled).
+
+    A timer rather than wait_for, which costs a task's worth of work per message."""
+    timer = asyncio.get_running_loop().call_later(timeout, ack.cancel)
+    try:
+        await ack
+        return True
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise  # our caller's cancellation, not the timer's
+        return False
+    finally:
+        timer.cancel()
+
+
 class AsyncNatsLink:
     kind = "nats"
 
@@ -54,6 +72,7 @@ class AsyncNatsLink:
         self.send_timeout = send_timeout
         self.t_action = cfg.topics.action
         self.nc: Client | None = None
+        self.js: JetStreamContext | None = None
         self.joined: set[str] = set()
         self.receiver: Receiver | None = None
 
@@ -77,6 +96,7 @@ class AsyncNatsLink:
         except (OSError, TimeoutError, nats.errors.Error) as e:
             raise ClientError(f"no NATS server answered at {', '.join(n.servers)} "
                               f"({e!r})") from None
+        self.js = self.nc.jetstream()
 
     def _conn(self) -> Client:
         if self.nc is None or self.nc.is_closed:
@@ -114,24 +134,30 @@ class AsyncNatsLink:
                           binary: bool) -> None:
         # The worker's NATS intake takes JSON: binary float32 logits travel as JSON here.
         nc = self._conn()
-        js = nc.jetstream()
+        js = self.js
+        assert js is not None
         subject = f"{topic}.{subject_token(str(key[0]))}"
-        headers = {"Nats-Msg-Id": msg_id(str(msg["COMPONENT_ID"]), key)}
+        mid = msg_id(str(msg["COMPONENT_ID"]), key)
         data = encode_json(msg)
+        stream = self.cfg.transport.nats.stream
         end = time.monotonic() + self.send_timeout
         delay = 0.05
         while True:
             try:
-                await js.publish(subject, data, timeout=ATTEMPT_S, headers=headers,
-                                 stream=self.cfg.transport.nats.stream)
-                return
+                # publish_async: one shared reply subscription for every PubAck, where
+                # js.publish would make a request (and an inbox future) of each message.
+                ack = await js.publish_async(subject, data, headers={"Nats-Msg-Id": mid},
+                                             stream=stream)
+                if await _acked(ack, ATTEMPT_S):
+                    return
+                raise TimeoutError("no PubAck")
             except (nats.errors.Error, OSError, TimeoutError) as e:
                 # No PubAck (lost, or the stream has no leader or does not exist yet):
                 # the same Nats-Msg-Id again, so a stored first copy stays the only one.
                 if nc.is_closed:
                     raise ClientError("the NATS connection is closed") from None
                 if time.monotonic() + delay > end:
-                    raise NoReply(f"logits of {headers['Nats-Msg-Id']} not stored within "
+                    raise NoReply(f"logits of {mid} not stored within "
                                   f"{self.send_timeout:g} s ({e!r})") from None
                 await asyncio.sleep(delay)
                 delay = min(2 * delay, 1.0)
