@@ -70,6 +70,13 @@ COVERAGE: dict[str, str] = {
     "proxy": "served; both of its ports accept",
     "proxy-worker": "served behind the proxy; ready on /readyz",
     "proxy-loadgen": "exits 0 with actions back; the worker counts complete windows",
+    "client-toml": "saved as swarm.toml, the name on its first line, beside the peers",
+    "client-run": "served with swarm.toml; ready on /readyz",
+    "client-environment": "saved as environment.py and started; once it prints `ready`, "
+                          "models.py runs; it prints exactly what its comments show, exit 0",
+    "client-models": "saved as models.py; run while the environment waits; exits 0",
+    "client-evolution": "saved as evolution.py; run after the step; prints exactly what its "
+                        "comments show",
     "nats-diagram": "a figure: the stream names in it are the config's defaults",
     "nats-rm-stream": "run after the workers stopped: SWARM_LOGITS is gone, SWARM_ACTIONS "
                       "is kept (`swarm-aggregator nats status`)",
@@ -687,6 +694,25 @@ def test_zmq_proxy_recipe(sh):
                           outcome="complete") > 0
             assert worker.stop() == 0, worker.output()[-3000:]
         assert proxy.stop() == 0, proxy.output()[-3000:]
+
+
+def test_client_library_recipe(sh):
+    require_free(5555, 5556, 9464)
+    for text in (block("client-toml"), block("client-environment"), block("client-models"),
+                 block("client-evolution")):
+        name = text.splitlines()[0].removeprefix("# ")  # each block names its file
+        assert re.fullmatch(r"\w+\.(py|toml)", name), name
+        (sh.work / name).write_text(text)
+    with sh.serve("worker", block("client-run")) as worker:
+        sh.wait("the worker on /readyz", ready(9464))
+        with sh.serve("environment", "python environment.py") as env:
+            sh.wait("the environment to be ready", lambda: "ready" in env.output())
+            sh.ok("python models.py", timeout=60)
+            assert env.proc.wait(60) == 0, env.output()[-3000:]
+        assert env.output().splitlines() == printed_by_comments(block("client-environment"))
+        out = sh.ok("python evolution.py", timeout=60)
+        assert out.splitlines() == printed_by_comments(block("client-evolution"))
+        assert worker.stop() == 0, worker.output()[-3000:]
 
 
 # The `-c worker.toml` of the evolution section: the two-worker recipe's settings, in a file.
