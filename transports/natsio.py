@@ -201,6 +201,13 @@ async def ensure_streams(js: JetStreamContext, cfg: Config) -> None:
                 try:
                     info = await js.stream_info(sc.name)  # another worker made it meanwhile
                 except NotFoundError:
+                    if "no suitable peers" in str(e.description):
+                        # A cluster still forming, or a node down: retried at start until
+                        # connect_wait_s (too few nodes for the replicas: then it says so).
+                        raise ConnectionError(
+                            f"too few NATS nodes online for stream {sc.name} at "
+                            f"transport.nats.replicas={sc.num_replicas}: {e.description}"
+                        ) from None
                     raise ConfigError("transport.nats", f"the server refuses stream {sc.name}: "
                                       f"{e.description}") from None
         have_r = info.config.num_replicas or 1
