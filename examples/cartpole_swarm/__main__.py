@@ -46,7 +46,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--transport", choices=TRANSPORTS, default="zmq",
                    help="zmq (default: no broker, ZeroMQ's proxy), nats or swergio")
     p.add_argument("--models", type=int, default=6, help="M, model processes (default 6)")
-    p.add_argument("--steps", type=int, default=3000, help="swarm steps (default 3000)")
+    p.add_argument("--steps", type=int, default=3000,
+                   help="swarm steps; 0 = until Ctrl-C (default 3000)")
     p.add_argument("--envs", type=int, default=1,
                    help="B, CartPole environments stepping together (default 1)")
     p.add_argument("--train-every", type=int, default=5,
@@ -57,6 +58,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--evolve", choices=EVOLVE, default="copy",
                    help="what a round does: copy the best model's weights to the worst, "
                         "set the worker's aggregation weights by rank, or both")
+    p.add_argument("--eval-steps", type=int, default=50,
+                   help="a round ranks the models on this many steps before it, taken with "
+                        "argmax actions; 0 = on all steps since the last round, as the RLGym "
+                        "example does (default 50)")
     p.add_argument("--noise", type=float, default=0.01,
                    help="std of the Gaussian noise added to copied weights (default 0.01)")
     p.add_argument("--deterministic", action="store_true",
@@ -65,13 +70,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="steps left out of the warm steps/s figure (default 50)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--summary", type=Path, help="write the run's figures here as JSON")
-    p.add_argument("--quiet", action="store_true", help="only the final lines")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress lines: the start line and the final lines only")
     args = p.parse_args(argv)
-    for name in ("models", "steps", "envs", "train_every"):
+    for name in ("models", "envs", "train_every"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.evolve_every < 0 or args.warmup < 0 or args.noise < 0:
-        p.error("--evolve-every, --warmup and --noise must not be negative")
+    if min(args.steps, args.evolve_every, args.eval_steps, args.warmup, args.noise) < 0:
+        p.error("--steps, --evolve-every, --eval-steps, --warmup and --noise must not be "
+                "negative")
+    if args.evolve_every and args.eval_steps >= args.evolve_every:
+        p.error("--eval-steps must be fewer than --evolve-every")
     if args.train_every * args.envs < 2:
         p.error("a rollout needs at least 2 transitions (--train-every x --envs)")
     return args
@@ -114,6 +123,19 @@ def summary(args: argparse.Namespace, res: Result, runner: Runner, started_s: fl
     }
 
 
+def headline(args: argparse.Namespace, words: str) -> str:
+    steps = f"{args.steps} steps" if args.steps else "steps until Ctrl-C"
+    if not args.evolve_every:
+        evolution = "no evolution"
+    else:
+        basis = (f"ranked on {args.eval_steps} argmax steps" if args.eval_steps
+                 else "ranked on all steps")
+        evolution = f"evolution every {args.evolve_every} steps ({args.evolve}, {basis})"
+    return (f"cartpole swarm: {args.models} {args.algo.upper()} models (an update every "
+            f"{args.train_every} steps), {args.envs} CartPole-v1 environment(s), {steps}; "
+            f"{words}; {evolution}. Ctrl-C stops.")
+
+
 def run(args: argparse.Namespace, folder: Path, stop: threading.Event) -> dict[str, Any]:
     from processor.client import connect
 
@@ -127,13 +149,10 @@ def run(args: argparse.Namespace, folder: Path, stop: threading.Event) -> dict[s
         start_worker(procs, config)
         models = start_models(procs, config, ids, args.envs, args.train_every, args.algo,
                               args.seed)
-        print(f"cartpole swarm: {args.models} {args.algo.upper()} models (an update every "
-              f"{args.train_every} steps), {args.envs} CartPole-v1 environment(s), "
-              f"{args.steps} steps; {words}; evolution every {args.evolve_every} steps "
-              f"({args.evolve}). Ctrl-C stops.", flush=True)
+        print(headline(args, words), flush=True)
         with connect(config, name="environment") as swarm:
-            runner = Runner(swarm, ids, args.envs, args.seed, args.evolve, args.noise, out,
-                            procs.check, stop)
+            runner = Runner(swarm, ids, args.envs, args.seed, args.evolve, args.noise,
+                            args.eval_steps, out, procs.check, stop)
             runner.handshake(START_TIMEOUT_S)
             started = time.monotonic() - t_start
             if out is not None:
@@ -178,6 +197,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (RunError, TimeoutError, RuntimeError) as e:
             print(f"cartpole swarm: {e}", file=sys.stderr)
             return 1
+        except KeyboardInterrupt:  # a second Ctrl-C: the processes are stopped, no report
+            print("cartpole swarm: interrupted", file=sys.stderr)
+            return 130
     if args.summary:
         args.summary.write_text(json.dumps(s, indent=2) + "\n")
     ok = (s["answered"] == s["steps"] and not any(s["exits"].values())

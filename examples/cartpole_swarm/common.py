@@ -8,10 +8,12 @@ Topics besides the worker's own (`logits`, `action`, `evolution`):
   the previous step; FINAL holds the last observation of an episode cut by the time limit,
   for bootstrapping); `{"STOP": true}` at the end.
 - `control`: models -> environment. `{"HELLO": n, "MODEL": id}` answers the handshake;
-  `{"LOADED": round, "MODEL": id, "FROM": id}` once copied weights are in place.
-- `weights`: evolution -> models, and model -> model. `{"CMD": "COPY", "FROM", "TO",
-  "ROUND", "NOISE"}` asks model FROM to send its policy's weights to model TO;
-  `{"WEIGHTS": {name: values}, "FROM", "TO", "ROUND", "NOISE"}` carries them.
+  `{"LOADED": round, "MODEL": id, "SOURCE": id}` once copied weights are in place.
+- `weights`: evolution -> models, and model -> model. `{"CMD": "COPY", "SOURCE",
+  "TARGET", "ROUND", "NOISE"}` asks model SOURCE to send its policy's weights to model
+  TARGET (not FROM and TO: a swergio server also sends a message with a TO to the client
+  of that NAME, so the target would get it twice);
+  `{"WEIGHTS": {name: values}, "SOURCE", "TARGET", "ROUND", "NOISE"}` carries them.
 """
 
 from __future__ import annotations

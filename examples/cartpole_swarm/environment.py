@@ -10,7 +10,7 @@ at a time: the pipeline runs in lockstep.
 
 from __future__ import annotations
 
-import collections
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -74,7 +74,7 @@ class Runner:
     """The environment's side of a run, on one swarm connection."""
 
     def __init__(self, swarm: Any, models: list[str], envs: int, seed: int,
-                 evolution_mode: str, noise: float, out: TextIO | None,
+                 evolution_mode: str, noise: float, eval_steps: int, out: TextIO | None,
                  check: Callable[[], None], stop: threading.Event) -> None:
         self.swarm = swarm
         self.models = models
@@ -85,7 +85,9 @@ class Runner:
         self.stop = stop
         self.env = swarm.environment()
         self.control = swarm.subscribe(CONTROL)
-        self.evolution = Evolution(swarm, self.control, models, evolution_mode, noise)
+        self.eval_steps = eval_steps
+        self.evolution = Evolution(swarm, self.control, models, evolution_mode, noise,
+                                   eval_steps)
         self.byes: dict[str, dict[str, Any]] = {}
 
     def say(self, text: str) -> None:
@@ -122,6 +124,9 @@ class Runner:
 
     def run(self, steps: int, evolve_every: int, warmup: int, deterministic: bool,
             progress_s: float = 1.0) -> Result:
+        """`steps` steps, sampled actions unless `deterministic`; a round every
+        `evolve_every` steps, ranking the models on the `eval_steps` steps before it, which
+        take argmax actions (none: on all the steps since the previous round)."""
         res = Result()
         envs = CartPoles(self.b, self.seed)
         res.episodes = envs.episodes
@@ -129,10 +134,19 @@ class Runner:
         t0 = last_print = time.monotonic()
         t_warm = t0
         step = 0
-        while step < steps and not self.stop.is_set():
+        eval_steps = self.eval_steps
+        limit = steps or sys.maxsize  # 0: until Ctrl-C
+        while step < limit and not self.stop.is_set():
+            evaluating = False
+            if evolve_every and eval_steps:
+                next_round = (step // evolve_every + 1) * evolve_every
+                evaluating = next_round < limit and step >= next_round - eval_steps
+                if evaluating and step == next_round - eval_steps:
+                    self.evolution.take()  # the training steps' credit, before the ranking's
             key = {"ENV_ID": ENV_ID, "STEP": step}
             self.swarm.publish(OBSERVATION, {**key, "OBSERVATION": envs.obs.tolist(),
-                                             "DETERMINISTIC": deterministic, **last})
+                                             "DETERMINISTIC": deterministic or evaluating,
+                                             **last})
             action = self._action(key)
             res.answered += 1
             res.partial += int(bool(action.get("PARTIAL")))
@@ -148,7 +162,7 @@ class Runner:
             res.steps = step
             if step == warmup:
                 t_warm = time.monotonic()
-            if evolve_every and step % evolve_every == 0 and step < steps:
+            if evolve_every and step % evolve_every == 0 and step < limit:
                 self._report_round(self.evolution.round(step))
             now = time.monotonic()
             if now - last_print >= progress_s:
@@ -158,7 +172,7 @@ class Runner:
         res.seconds = end - t0
         if step > warmup:
             res.warm_steps, res.warm_seconds = step - warmup, end - t_warm
-        res.stopped = step < steps
+        res.stopped = step < limit
         res.rounds = self.evolution.rounds
         return res
 
@@ -176,7 +190,7 @@ class Runner:
     def _progress(self, step: int, steps: int, seconds: float, episodes: list[float]) -> None:
         recent = episodes[-REWARD_WINDOW:]
         reward = f"{np.mean(recent):6.1f}" if recent else "     -"
-        self.say(f"step {step:>6}/{steps}  {step / seconds:7.1f} steps/s  "
+        self.say(f"step {step:>6}{f'/{steps}' if steps else ''}  {step / seconds:7.1f} steps/s  "
                  f"{step * self.b / seconds:8.1f} env steps/s  episodes {len(episodes):>5}  "
                  f"reward (last {REWARD_WINDOW}) {reward}")
 
@@ -188,7 +202,7 @@ class Runner:
             what.append(f"{r.copied[0]}'s weights copied to {r.copied[1]}")
         if r.weights:
             what.append("aggregation weights set by rank")
-        self.say(f"evolution round {r.number} at step {r.step}: best {best} "
+        self.say(f"evolution round {r.number} at step {r.step} ({r.basis}): best {best} "
                  f"({100 * r.contribution.get(best, 0.0) / total:.1f}%), worst {worst} "
                  f"({100 * r.contribution.get(worst, 0.0) / total:.1f}%); "
                  f"{', '.join(what) or 'nothing to do'} ({1000 * r.seconds:.0f} ms)")
@@ -208,15 +222,17 @@ class Runner:
 
 
 def leaderboard(evolution: Evolution, byes: dict[str, dict[str, Any]]) -> list[str]:
-    """The run's contributions, best first, with how often each model ranked first and
-    last in the rounds and how many updates it made."""
+    """The run's contributions, best first: the whole run's, the share of the steps the
+    rounds ranked on, how often each model ranked first and last, its updates."""
     total = sum(evolution.total.values()) or 1.0
+    ranked = sum(evolution.ranked.values()) or 1.0
     lines = [f"{'rank':>4}  {'model':<10} {'contribution':>12}  {'share':>6}  "
-             f"{'best':>4}  {'worst':>5}  {'updates':>7}"]
-    counts = collections.Counter(evolution.total)
+             f"{'ranked share':>12}  {'best':>4}  {'worst':>5}  {'updates':>7}"]
+    counts = evolution.total
     for i, m in enumerate(sorted(counts, key=lambda k: (-counts[k], k)), 1):
         updates = byes.get(m, {}).get("UPDATES", "-")
         lines.append(f"{i:>4}  {m:<10} {counts[m]:>12.2f}  {100 * counts[m] / total:>5.1f}%  "
+                     f"{100 * evolution.ranked.get(m, 0.0) / ranked:>11.1f}%  "
                      f"{evolution.best.get(m, 0):>4}  {evolution.worst.get(m, 0):>5}  "
                      f"{updates:>7}")
     return lines

@@ -34,6 +34,7 @@ class Round:
     step: int
     ranking: list[str]
     contribution: dict[str, float]
+    basis: str = ""                             # the steps ranked on, in words
     copied: tuple[str, str] | None = None       # (from, to)
     weights: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
@@ -58,15 +59,17 @@ class Evolution:
     to the `control` topic, where LOADED comes back."""
 
     def __init__(self, swarm: Any, control: Any, models: list[str], mode: str,
-                 noise: float, timeout: float = 30.0) -> None:
+                 noise: float, eval_steps: int = 0, timeout: float = 30.0) -> None:
         self.swarm = swarm
         self.evolution = swarm.evolution()
         self.control = control
         self.models = models
         self.mode = mode
         self.noise = noise
+        self.eval_steps = eval_steps
         self.timeout = timeout
         self.total: dict[str, float] = {m: 0.0 for m in models}  # over the whole run
+        self.ranked: dict[str, float] = {m: 0.0 for m in models}  # over what rounds ranked
         self.steps = 0               # environment steps the reports counted (STEPS)
         self.rounds: list[Round] = []
         self.best: dict[str, int] = {m: 0 for m in models}
@@ -85,7 +88,11 @@ class Evolution:
         t0 = time.monotonic()
         contribution = self.take()
         ranking = rank(contribution, self.models)
-        r = Round(len(self.rounds) + 1, step, ranking, contribution)
+        for m, c in contribution.items():
+            self.ranked[m] = self.ranked.get(m, 0.0) + c
+        basis = (f"ranked on {self.eval_steps} argmax steps" if self.eval_steps
+                 else "ranked on the steps since the last round")
+        r = Round(len(self.rounds) + 1, step, ranking, contribution, basis)
         self.best[ranking[0]] += 1
         self.worst[ranking[-1]] += 1
         if self.mode in ("copy", "both") and len(ranking) > 1:
@@ -98,7 +105,7 @@ class Evolution:
         return r
 
     def _copy(self, r: Round, best: str, worst: str) -> None:
-        self.swarm.publish(WEIGHTS, {"CMD": "COPY", "FROM": best, "TO": worst,
+        self.swarm.publish(WEIGHTS, {"CMD": "COPY", "SOURCE": best, "TARGET": worst,
                                      "ROUND": r.number, "NOISE": self.noise})
         end = time.monotonic() + self.timeout
         while True:

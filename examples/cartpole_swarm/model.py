@@ -14,10 +14,10 @@ it; the price is that the value of the one observation that starts each rollout 
 the policy before that update instead of after it. An episode cut by the time limit is
 bootstrapped with the value of its last observation, as SB3 does.
 
-On `weights`: asked to (`CMD: COPY` naming it FROM), it sends its policy's weights to the
-model TO; named TO, it loads the weights it is sent (plus Gaussian noise of std NOISE: a
-mutation), drops the transitions it gathered with its old weights, and says LOADED on
-`control`.
+On `weights`: asked to (`CMD: COPY` naming it SOURCE), it sends its policy's weights to
+the model TARGET; named TARGET, it loads the weights it is sent (plus Gaussian noise of
+std NOISE: a mutation), drops the transitions it gathered with its old weights, and says
+LOADED on `control`, once per round whatever reaches it twice.
 """
 
 from __future__ import annotations
@@ -153,7 +153,8 @@ def serve(swarm: Any, model_id: str, learner: Learner, envs: int) -> dict[str, A
     weights = swarm.subscribe(WEIGHTS)
     model = swarm.model(model_id)
     swarm.ready(timeout=60.0)  # the worker answers: logits sent from now on reach it
-    done = {"MODEL": model_id, "STEPS": 0, "UPDATES": 0, "SENT_WEIGHTS": 0, "LOADED": 0}
+    done: dict[str, Any] = {"MODEL": model_id, "STEPS": 0, "UPDATES": 0, "SENT_WEIGHTS": 0,
+                            "LOADED": 0, "ROUNDS": []}
     while True:
         swarm.pump(1.0)
         for msg in weights.drain():
@@ -179,16 +180,18 @@ def handle_weights(swarm: Any, model_id: str, learner: Learner, msg: Any,
                    done: dict[str, Any]) -> None:
     if not isinstance(msg, dict):
         return
-    if msg.get("CMD") == "COPY" and msg.get("FROM") == model_id:
-        swarm.publish(WEIGHTS, {"WEIGHTS": learner.weights(), "FROM": model_id,
-                                "TO": msg.get("TO"), "ROUND": msg.get("ROUND"),
+    if msg.get("CMD") == "COPY" and msg.get("SOURCE") == model_id:
+        swarm.publish(WEIGHTS, {"WEIGHTS": learner.weights(), "SOURCE": model_id,
+                                "TARGET": msg.get("TARGET"), "ROUND": msg.get("ROUND"),
                                 "NOISE": msg.get("NOISE", 0.0)})
         done["SENT_WEIGHTS"] += 1
-    elif "WEIGHTS" in msg and msg.get("TO") == model_id:
+    elif "WEIGHTS" in msg and msg.get("TARGET") == model_id \
+            and msg.get("ROUND") not in done["ROUNDS"]:
+        done["ROUNDS"].append(msg.get("ROUND"))
         learner.load(msg["WEIGHTS"], float(msg.get("NOISE") or 0.0))
         done["LOADED"] += 1
         swarm.publish(CONTROL, {"LOADED": msg.get("ROUND"), "MODEL": model_id,
-                                "FROM": msg.get("FROM")})
+                                "SOURCE": msg.get("SOURCE")})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
