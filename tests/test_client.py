@@ -172,6 +172,10 @@ def test_roles_async_batch_and_concurrent_waits(pipeline: Pipeline) -> None:
             assert report["STEPS"] == 4 * len(xs)
             weights = await evo.set_model_weights({"m0": 1.0})
             assert weights["MODEL_WEIGHTS"] == {"m0": 1.0}
+        with pytest.raises(ClientError):  # closed: every use says so
+            await env.wait((env_id, 0), timeout=1)
+        with pytest.raises(ClientError):
+            await swarm.publish("observation", {})
 
     asyncio.run(asyncio.wait_for(main(), 90))
     pipeline.check()

@@ -44,6 +44,23 @@ class AsyncLink(Protocol):
     async def close(self) -> None: ...
 
 
+class _Closed:
+    """The link of a closed swarm: every use says so."""
+
+    kind = "closed"
+
+    async def _refuse(self, *args: Any) -> Any:
+        raise ClientError("the swarm is closed")
+
+    open = join = publish = send_logits = _refuse
+
+    async def close(self) -> None:
+        pass
+
+
+_CLOSED = _Closed()
+
+
 def client_name(name: str | None) -> str:
     return name or f"swarm-client-{uuid.uuid4().hex[:8]}"
 
@@ -87,7 +104,7 @@ class AsyncSwarm:
         self.cfg = cfg
         self.topics = cfg.topics
         self.inbox = Inbox(cfg, buffer)
-        self.link = make_link(cfg, name, endpoints, curve)
+        self.link: AsyncLink = make_link(cfg, name, endpoints, curve)
         self._waiters: dict[tuple[str, Any], set[asyncio.Future[None]]] = {}
         self._failure: BaseException | None = None
         self._open = False
@@ -108,9 +125,10 @@ class AsyncSwarm:
         await self.aclose()
 
     async def aclose(self) -> None:
+        link, self.link = self.link, _CLOSED
         if self._open:
             self._open = False
-            await self.link.close()
+            await link.close()
         self.lost(ClientError("the swarm is closed"))
 
     # -- what the link hands over ---------------------------------------------------------

@@ -144,14 +144,15 @@ class AsyncZmqLink:
         self.cfg = cfg
         self.publish_to, self.subscribe_to = endpoints_ or endpoints(cfg)
         self.curve = curve
-        self.ctx = zmq.asyncio.Context()
-        self.pub = self.ctx.socket(zmq.PUB)
-        self.sub = self.ctx.socket(zmq.SUB)
         self.joined: set[bytes] = set()
         self._reader: asyncio.Task[None] | None = None
 
     async def open(self, receiver: Receiver) -> None:
         z = self.cfg.transport.zmq
+        # Made here, in the loop that uses them, not where the swarm object was made.
+        self.ctx = zmq.asyncio.Context()
+        self.pub = self.ctx.socket(zmq.PUB)
+        self.sub = self.ctx.socket(zmq.SUB)
         try:
             self.pub.setsockopt(zmq.SNDHWM, z.sndhwm)
             self.sub.setsockopt(zmq.RCVHWM, z.rcvhwm)
