@@ -111,6 +111,12 @@ class NatsCluster:
         with urllib.request.urlopen(url, timeout=2) as r:
             return dict(json.loads(r.read()))
 
+    def clients(self, node: NatsServer) -> set[str]:
+        """The names of the clients connected to a node."""
+        url = f"http://127.0.0.1:{node.mport}/connz?limit=1000"
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return {str(c.get("name")) for c in json.loads(r.read())["connections"]}
+
     def wait_formed(self, timeout: float = 30.0) -> str:
         """Wait until every running node sees the same JetStream meta leader, with every
         peer current; returns the leader's name."""

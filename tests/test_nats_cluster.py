@@ -83,6 +83,8 @@ async def test_losing_the_logits_leader_mid_stream_loses_and_repeats_nothing(clu
             assert await swarm.wait(lambda: open_windows(swarm, 2 * len(envs)), 30)
             leader = (await swarm.js.stream_info("SWARM_LOGITS")).cluster.leader
             victim = cluster.node_named(leader)
+            moved = {w: p for w, p in (("w0", w0), ("w1", w1))
+                     if f"swarm-aggregator {w}" in cluster.clients(victim)}
             victim.stop(signal.SIGKILL)
             for e in envs:   # the models go on through the election
                 await swarm.step(e, 4, xs[(e, 4)], models=[2])
@@ -104,6 +106,8 @@ async def test_losing_the_logits_leader_mid_stream_loses_and_repeats_nothing(clu
                 (c.name, c.num_pending, c.num_ack_pending) for c in await swarm.consumers()]
             check_actions(await swarm.stored_actions(), xs)   # once each, never partial
             assert w0.poll() is None and w1.poll() is None    # served on, never restarted
+            for w, proc in moved.items():   # those that were on the lost node moved by themselves
+                assert "reconnected to" in output(proc), (w, output(proc)[-3000:])
 
 
 async def _at_least(value, n: int) -> bool:

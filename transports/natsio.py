@@ -710,8 +710,8 @@ class NatsTransport:
         if had or mine:
             log.warning("nats: partition %d is pinned to another client now (another worker "
                         "with index %d, or this one was away over ack_wait_s, or the server "
-                        "restarted); %d messages handed back", pull.partition, self.cfg.index,
-                        len(mine))
+                        "restarted or elected a new leader); %d messages handed back",
+                        pull.partition, self.cfg.index, len(mine))
 
     async def _keep(self) -> None:
         """Progress notes for held messages, lost pull requests, re-creation after a loss."""
