@@ -266,7 +266,7 @@ def first_after(run: Run, lane: int, at: float) -> Step | None:
 
 def figures(run: Run, event: str, until: float, partitions: int) -> dict[str, float]:
     """Stall figures after one event, in seconds (see the module's docstring)."""
-    from transports.natsio import partition_of
+    from transports.nats import partition_of
 
     at = run.events[event]
     steps = [s for s in run.steps if s.done]
@@ -294,8 +294,8 @@ def figures(run: Run, event: str, until: float, partitions: int) -> dict[str, fl
 
 
 async def one_run(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
+    import transports.nats as tnats
     from processor.config import from_mapping
-    from transports import natsio
 
     cports = [free_port() for _ in range(3)]
     nodes = [Node(folder, cports, i) for i in range(3)]
@@ -309,7 +309,7 @@ async def one_run(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
         wait_meta_leader(nodes)
         cfg = from_mapping({"transport": {"kind": "nats", "nats": nats_keys},
                             "window": {"key": ["ENV_ID", "STEP"], "models": args.models}})
-        await natsio.setup(cfg)
+        await tnats.setup(cfg)
         for k in range(args.workers):
             env = worker_env(args.models, transport__kind="nats", window__timeout_ms=30000,
                              **{f"transport__nats__{key}": v for key, v in nats_keys.items()},
@@ -320,7 +320,7 @@ async def one_run(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
         driver = Driver(urls, args.models)
         await driver.start()
         try:
-            _, missing = await natsio.gather(cfg, "PEEK", timeout=60)
+            _, missing = await tnats.gather(cfg, "PEEK", timeout=60)
             if missing:
                 raise SystemExit(f"no worker serves partitions {missing}")
             lanes = [asyncio.create_task(driver.lane(k)) for k in range(args.lanes)]
@@ -367,7 +367,7 @@ async def one_run(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
 
 def slow(run: Run, partitions: int) -> None:
     """Each lane's slowest step around the kill: when it began, was stored, was answered."""
-    from transports.natsio import partition_of
+    from transports.nats import partition_of
 
     at = run.events["kill"]
     print("    elections: " + ", ".join(f"{w} {t - at:+.2f} s" for t, w in run.elections

@@ -63,7 +63,7 @@ class MemoryConfig:
 
 @dataclass(frozen=True)
 class NatsConfig:
-    """NATS JetStream (scale-out): see transports/natsio.py for the subjects and streams."""
+    """NATS JetStream (scale-out): see transports/nats/ for the subjects and streams."""
 
     servers: list[str] = field(default_factory=lambda: ["nats://127.0.0.1:4222"])
     stream: str = "SWARM_LOGITS"         # logits, partitioned by step key (a work queue)

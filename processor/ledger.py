@@ -202,3 +202,33 @@ class Ledger:
             while len(self._answered) > REMEMBERED_REQUESTS:
                 self._answered.popitem(last=False)
         return out
+
+
+def merge_replies(replies: list[dict[str, Any]]) -> dict[str, Any]:
+    """One evolution reply from the shares of several workers (NATS: one per partition
+    owner), as each worker's ledger reported them.
+
+    CONTRIBUTION, MISSED and STEPS add up exactly; AGREEMENT is averaged, weighted by each
+    worker's STEPS.
+    """
+    contribution: dict[str, float] = {}
+    missed: dict[str, int] = {}
+    agree: dict[str, float] = {}
+    weight: dict[str, float] = {}
+    steps = 0
+    workers, parts = [], set()
+    for r in replies:
+        s = int(r.get("STEPS", 0))
+        steps += s
+        for m, c in r.get("CONTRIBUTION", {}).items():
+            contribution[m] = contribution.get(m, 0.0) + c
+        for m, c in r.get("MISSED", {}).items():
+            missed[m] = missed.get(m, 0) + c
+        for m, a in r.get("AGREEMENT", {}).items():
+            agree[m] = agree.get(m, 0.0) + a * s
+            weight[m] = weight.get(m, 0.0) + s
+        workers.append(r.get("WORKER"))
+        parts.update(r.get("PARTITIONS", ()))
+    return {"CONTRIBUTION": contribution, "STEPS": steps, "MISSED": missed,
+            "AGREEMENT": {m: agree[m] / weight[m] for m in agree if weight[m]},
+            "WORKERS": workers, "PARTITIONS": sorted(parts)}

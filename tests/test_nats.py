@@ -17,12 +17,12 @@ import orjson
 import pytest
 from prometheus_client import CollectorRegistry
 
+import transports.nats as tnats
 from processor.config import from_mapping
 from processor.errors import ConfigError
 from tests.nats_helpers import NatsServer, Swarm, nats_worker, server_binary
 from tests.procs import ROOT, free_port, metric, output
 from tests.reference import clear_winner, sum_probs
-from transports import natsio
 
 pytestmark = [pytest.mark.timeout(90),
               pytest.mark.skipif(server_binary() is None, reason="no nats-server binary")]
@@ -75,7 +75,7 @@ async def held(swarm: Swarm, partitions: set[int], n: int) -> bool:
 
 async def test_three_workers_on_eight_partitions_one_action_per_step(server):
     cfg = config(server.url)
-    await natsio.setup(cfg)
+    await tnats.setup(cfg)
     envs = [f"env{i}" for i in range(40)]
     xs = logits(np.random.default_rng(0), envs, 10)   # 400 steps
     async with Swarm(server.url) as swarm:
@@ -86,7 +86,7 @@ async def test_three_workers_on_eight_partitions_one_action_per_step(server):
                 await swarm.step(e, s, xs[(e, s)])
         per_part = [0] * 8
         for e in envs:
-            per_part[natsio.partition_of(e, 8)] += 5 * MODELS
+            per_part[tnats.partition_of(e, 8)] += 5 * MODELS
         assert [c.num_pending for c in await swarm.consumers()] == per_part
         with nats_worker(server.url, 0, 3, window__models=MODELS), \
                 nats_worker(server.url, 1, 3, window__models=MODELS), \
@@ -98,7 +98,7 @@ async def test_three_workers_on_eight_partitions_one_action_per_step(server):
             assert all(len(v) == 1 for v in swarm.live.values())
             expected = check_actions(await swarm.stored_actions(), xs)
             assert await swarm.wait(swarm.drained, 10)
-            merged, missing = await natsio.gather(cfg)
+            merged, missing = await tnats.gather(cfg)
             assert missing == []
             assert sorted(merged["WORKERS"]) == ["w0", "w1", "w2"]
             assert merged["PARTITIONS"] == list(range(8))
@@ -106,7 +106,7 @@ async def test_three_workers_on_eight_partitions_one_action_per_step(server):
             assert merged["CONTRIBUTION"] == pytest.approx(expected, abs=1e-3)
             # the operators' one-liner: every share again, reset by the GET above
             peek = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "transports.natsio", "peek", "--servers", server.url,
+                sys.executable, "-m", "transports.nats", "peek", "--servers", server.url,
                 cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
             out, err = await asyncio.wait_for(peek.communicate(), 30)
             assert peek.returncode == 0, err
@@ -115,10 +115,10 @@ async def test_three_workers_on_eight_partitions_one_action_per_step(server):
 
 
 async def test_sigkill_a_worker_mid_stream_loses_nothing_and_duplicates_nothing(server):
-    await natsio.setup(config(server.url))
+    await tnats.setup(config(server.url))
     envs = [f"env{i}" for i in range(30)]
     victim = {p for p in range(8) if p % 3 == 1}
-    prey = [e for e in envs if natsio.partition_of(e, 8) in victim]
+    prey = [e for e in envs if tnats.partition_of(e, 8) in victim]
     assert prey
     xs = logits(np.random.default_rng(1), envs, 10)   # 300 steps
     keys = {"window__models": MODELS, "window__timeout_ms": 6000}
@@ -152,7 +152,7 @@ async def test_sigkill_a_worker_mid_stream_loses_nothing_and_duplicates_nothing(
 async def test_a_standby_with_the_same_index_takes_the_partitions_over(server):
     """Two workers with one index: one pulls each partition (pinned), the other waits; when
     the puller is SIGKILLed, the standby takes over, and its open windows come back to it."""
-    await natsio.setup(config(server.url, partitions=4))
+    await tnats.setup(config(server.url, partitions=4))
     envs = [f"env{i}" for i in range(16)]
     xs = logits(np.random.default_rng(4), envs, 8)   # 128 steps
     keys = {"window__models": MODELS, "window__timeout_ms": 8000,
@@ -183,7 +183,7 @@ async def test_a_standby_with_the_same_index_takes_the_partitions_over(server):
 
 
 async def test_nats_server_restart_mid_run_workers_reconnect(server):
-    await natsio.setup(config(server.url))
+    await tnats.setup(config(server.url))
     envs = [f"env{i}" for i in range(20)]
     xs = logits(np.random.default_rng(2), envs, 10)   # 200 steps
     keys = {"window__models": MODELS, "window__timeout_ms": 8000}
@@ -285,7 +285,7 @@ async def test_a_message_past_max_deliver_goes_to_dead_letters(server):
                 lambda: _at_least(_count(swarm, "SWARM_DEAD"), 1), 20), output(again)
             dead = await swarm.js.get_msg("SWARM_DEAD", 1)
             assert orjson.loads(dead.data)["COMPONENT_ID"] == "m0"
-            assert dead.headers["Swarm-Subject"] == f"logits.{natsio.partition_of('envD', 2)}.envD"
+            assert dead.headers["Swarm-Subject"] == f"logits.{tnats.partition_of('envD', 2)}.envD"
             assert dead.headers["Swarm-Deliveries"] == "2"
             assert await swarm.wait(swarm.drained, 10)
             # and the partition goes on
@@ -316,7 +316,7 @@ async def test_in_process_stop_hands_open_windows_back_at_once(server):
         "aggregate": {"deterministic": True}, "metrics": {"port": 0}})
 
     async def run_worker():
-        transport = natsio.NatsTransport(cfg, lambda r, d: None)
+        transport = tnats.NatsTransport(cfg, lambda r, d: None)
         worker = Worker(cfg, transport, Metrics(CollectorRegistry()))
         stop, started = asyncio.Event(), asyncio.Event()
         task = asyncio.create_task(worker.run(stop, started))
@@ -371,7 +371,7 @@ def test_config_on_nats_is_checked(keys, bad):
 
 
 def test_merge_replies_sums_the_shares():
-    merged = natsio.merge_replies([
+    merged = tnats.merge_replies([
         {"WORKER": "a", "PARTITIONS": [0, 2], "STEPS": 10, "CONTRIBUTION": {"m": 4.0, "n": 6.0},
          "AGREEMENT": {"m": 0.5}, "MISSED": {"m": 1}},
         {"WORKER": "b", "PARTITIONS": [1], "STEPS": 30, "CONTRIBUTION": {"m": 10.0},

@@ -19,11 +19,11 @@ import time
 import numpy as np
 import pytest
 
+import transports.nats as tnats
 from processor.config import from_mapping
 from tests.nats_helpers import NatsCluster, NatsServer, Swarm, nats_worker, server_binary
 from tests.procs import ROOT, cli, output, worker_env
 from tests.test_nats import MODELS, check_actions, logits
-from transports import natsio
 
 pytestmark = [pytest.mark.timeout(120),
               pytest.mark.skipif(server_binary() is None, reason="no nats-server binary")]
@@ -63,7 +63,7 @@ async def open_windows(swarm: Swarm, n: int) -> bool:
 
 async def test_losing_the_logits_leader_mid_stream_loses_and_repeats_nothing(cluster):
     urls = cluster.urls
-    await natsio.setup(cluster_config(urls))
+    await tnats.setup(cluster_config(urls))
     envs = [f"env{i}" for i in range(24)]
     xs = logits(np.random.default_rng(7), envs, 12)   # 288 steps
     # The deployment's ack_wait_s: nothing here may wait for a redelivery to make progress.
@@ -122,7 +122,7 @@ async def test_one_replica_on_several_servers_is_warned_loudly(cluster, caplog):
         caplog.clear()
         cfg = cluster_config(servers, replicas=1, connect_wait_s=10.0, **names)
         with caplog.at_level(logging.WARNING, logger="swarm_aggregator.nats"):
-            async with natsio.NatsTransport(cfg, lambda reason, detail: None) as t:
+            async with tnats.NatsTransport(cfg, lambda reason, detail: None) as t:
                 assert t.ready
         loud = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING
                 and "transport.nats.replicas" in r.getMessage()]
@@ -132,7 +132,7 @@ async def test_one_replica_on_several_servers_is_warned_loudly(cluster, caplog):
             await admin.js.delete_stream(name)
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="swarm_aggregator.nats"):
-        async with natsio.NatsTransport(cluster_config(cluster.urls, connect_wait_s=10.0),
+        async with tnats.NatsTransport(cluster_config(cluster.urls, connect_wait_s=10.0),
                                         lambda reason, detail: None):
             pass
     assert "transport.nats.replicas" not in caplog.text   # 3 replicas: nothing to say

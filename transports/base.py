@@ -38,7 +38,7 @@ TRANSPORTS: dict[str, str] = {
     "zmq": "transports.zeromq:ZmqTransport",
     "swergio": "transports.swergio:SwergioTransport",
     "memory": "transports.memory:MemoryTransport",
-    "nats": "transports.natsio:NatsTransport",
+    "nats": "transports.nats:NatsTransport",
 }
 
 MAX_BURST = 4096

@@ -419,7 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["nats"]:  # its own command line, options included
-        from transports.natsio import main as nats_main
+        from transports.nats.admin import main as nats_main
 
         return nats_main(argv[1:])
     args = build_parser().parse_args(argv)

@@ -85,7 +85,7 @@ def merger(cfg: Config) -> tuple[int | None, Any]:
     """How many partitions must answer an evolution request, and how to merge them."""
     if cfg.transport.kind != "nats":
         return None, None
-    from transports.natsio import merge_replies
+    from processor.ledger import merge_replies
     return cfg.transport.nats.partitions, merge_replies
 
 

@@ -10,7 +10,7 @@ Guarantees
 - Actions: read live on `action.>` (core NATS, at-most-once while connected); the stream
   republishes each stored action once.
 - Evolution: core NATS; every worker answers with its share, tagged with its PARTITIONS;
-  the swarm merges them (`transports.natsio.merge_replies`).
+  the swarm merges them (`processor.ledger.merge_replies`).
 - Plain publish/subscribe: core NATS subjects, at-most-once. A connection does not hear
   itself (no_echo), as on swergio.
 nats-py reconnects by itself; while it does, sends wait and are retried until their timeout.
@@ -30,7 +30,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from processor.config import Config
-from transports.natsio import connect_options, subject_token
+from transports.nats import connect_options, subject_token
 
 from ._core import Body, ClientError, NoReply, Receiver, decode_body, encode_json
 
