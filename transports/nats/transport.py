@@ -225,36 +225,22 @@ class NatsTransport:
         self._closing = True
         self._give_up_at = time.monotonic() + min(5.0, 2 * self.cfg.publish_timeout_s)
         nc = self._nc
-        for pull in self._pulls.values():
-            if pull.retry is not None:
-                pull.retry.cancel()
-        for task in (self._keeper, self._setting_up):
-            if task is not None:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
+        await self._stop_background()
         if nc is None:
             return
         for sub in self._subs:
             with contextlib.suppress(Exception):  # closing anyway
                 await sub.unsubscribe()
-        if self._unconfirmed:
-            # Actions published but never settled (the worker stopped between the two):
-            # nothing to acknowledge, their windows' messages come back.
-            self._unconfirmed = []
+        # Actions published but never settled (the worker stopped between the two):
+        # nothing to acknowledge, their windows' messages come back.
+        self._unconfirmed = []
         if self._tasks:
             tasks = list(self._tasks)
             await asyncio.wait(tasks, timeout=self._give_up_at - time.monotonic() + 1.0)
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-        # What is still held (open windows) goes back now rather than after ack_wait.
-        self.handed_back += len(self._held)
-        for h in list(self._held.values()):
-            try:
-                await h.msg.nak()
-            except Exception as e:  # it comes back after ack_wait then
-                log.debug("nats: nak not sent (%r)", e)
-        self._held.clear()
+        await self._hand_back()
         await self._unpin()  # the next worker (or the standby) takes over at once
         with contextlib.suppress(Exception):
             await nc.flush(timeout=2)
@@ -262,6 +248,25 @@ class NatsTransport:
         if self.dead_letters or self.duplicates:
             log.info("nats: %d dead letters, %d duplicate actions suppressed by the stream",
                      self.dead_letters, self.duplicates)
+
+    async def _stop_background(self) -> None:
+        for pull in self._pulls.values():
+            if pull.retry is not None:
+                pull.retry.cancel()
+        for task in (self._keeper, self._setting_up):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+
+    async def _hand_back(self) -> None:
+        """What is still held (open windows) goes back now rather than after ack_wait."""
+        self.handed_back += len(self._held)
+        for h in list(self._held.values()):
+            try:
+                await h.msg.nak()
+            except Exception as e:  # it comes back after ack_wait then
+                log.debug("nats: nak not sent (%r)", e)
+        self._held.clear()
 
     # -- in ------------------------------------------------------------------------------
 
