@@ -74,6 +74,8 @@ class AsyncSwergioLink:
         sock = writer.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if QUICKACK is not None:  # the first header too (see the module's docstring)
+                sock.setsockopt(socket.IPPROTO_TCP, QUICKACK, 1)
         self._writer = writer
         self.rooms.add("_command")
         writer.write(self._command("REGISTER", NAME=self.name)
