@@ -20,6 +20,9 @@ Opt-in (only with `--only`; about 2 minutes, most of it waiting on the original 
                     pipeline (environment, 6 models, evolution) with (a) the original
                     server and aggregator, (b) the original server and the worker, (c)
                     our server and the worker: steps/s side by side.
+- cartpole          the CartPole example (examples/cartpole_swarm, the rl extra) end to
+                    end on ZeroMQ, NATS and swergio: 6 SB3 models trained every 5 steps,
+                    steps/s; 16 environments per step, environment steps/s (6 minutes).
 
 Every figure is the median of `--repeats` runs with its min-max. Everything runs on
 127.0.0.1 with ports chosen at run time; every process started is stopped at the end.
@@ -45,8 +48,8 @@ from typing import Any
 from . import report
 from .common import ROOT, Plan
 
-SECTIONS = ("zmq_lockstep", "zmq_pipelined", "swergio_lockstep", "metrics", "kernel")
-OPT_IN = ("swergio_server",)  # run only when named in --only
+SECTIONS = ("zmq_lockstep", "zmq_pipelined", "swergio_lockstep", "metrics", "kernel", "cost")
+OPT_IN = ("swergio_server", "cartpole")  # run only when named in --only
 DEFAULT_OUT = ROOT / "bench" / "results" / "latest.json"
 
 
@@ -57,12 +60,18 @@ def _runner(name: str) -> Callable[[Plan], dict[str, Any]]:
     if name == "zmq_pipelined":
         from .zmq_wire import pipelined_section
         return pipelined_section
+    if name == "cost":
+        from .cost_bench import cost_section
+        return cost_section
     if name == "metrics":
         from .zmq_bench import metrics_section
         return metrics_section
     if name == "swergio_server":
         from .swergio_server_bench import section as swergio_server_section
         return swergio_server_section
+    if name == "cartpole":
+        from .cartpole_bench import section as cartpole_section
+        return cartpole_section
     if name == "swergio_lockstep":
         from .swergio_bench import lockstep_section as swergio_section
         return swergio_section

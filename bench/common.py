@@ -70,6 +70,14 @@ class Plan:
     metrics_repeats: int = 5                         # on/off differ little: more repeats
     # metrics
     metrics_actions: int = 18
+    # cost: instructions (callgrind, in process) and CPU time (/proc) per window
+    cost_actions: tuple[int, ...] = (18, 1000)      # JSON and binary, M = models
+    cost_extra_models: tuple[int, ...] = (8,)        # JSON, A = 18: the scale table's M
+    cost_windows: int = 200                          # counted windows per callgrind run
+    cost_warmup: int = 50
+    cost_parallel: int = 2                           # callgrind runs at once
+    cost_count: bool = True                          # False: no valgrind (--quick)
+    cost_cpu_windows: tuple[tuple[int, int], ...] = ((18, 6000), (1000, 1500))  # (A, n)
     # a checkout of an earlier commit whose worker runs beside this one (--before)
     before: str = ""
     scrape_interval_s: float = 1.0
@@ -80,7 +88,9 @@ class Plan:
         return cls(repeats=1, lockstep_actions=(18,), lockstep_steps=300, lockstep_max_s=1.0,
                    warmup_steps=30, inflight=32, pipelined_windows=1500, pipelined_max_s=1.0,
                    swergio_steps=100, swergio_max_s=1.5, swergio_warmup=10,
-                   lockstep_binary_actions=(), breakdown_windows=200,
+                   lockstep_binary_actions=(), breakdown_windows=200, cost_actions=(18,),
+                   cost_extra_models=(), cost_windows=20, cost_warmup=10, cost_count=False,
+                   cost_cpu_windows=((18, 500),),
                    pipelined_actions=(18,), kernel_actions=(2, 18), kernel_batches=(64,),
                    decode_actions=(18, 1000),
                    timing_s=0.02, kernel_repeats=1, metrics_repeats=1,

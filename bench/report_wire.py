@@ -27,7 +27,9 @@ def zmq_lockstep(r: dict[str, Any]) -> list[str]:
     c = r["config"]
     rows = []
     for row in r["rows"]:
-        for name in (*_workers(row), "pingpong"):
+        for name in (*_workers(row), "transport", "pingpong"):
+            if name not in row:
+                continue
             s = row[name]
             rows.append([str(row["actions"]), row["encoding"], name, fig(s["steps_per_s"]),
                          *latency(s), cpu(s)])
@@ -38,17 +40,19 @@ def zmq_lockstep(r: dict[str, Any]) -> list[str]:
     out = [(f"zmq_lockstep: M={c['models']}, lockstep, metrics {c['metrics']}; "
             f"latency: {c['latency']}; ratios repeat by repeat, median [min-max]"),
            *table(["A", "frames", "peer", "steps/s", *LATENCY_HEADER, "peer CPU"], rows)]
-    out += ["", "  where a lockstep window's microseconds go (p50, µs; the worker's own parts "
-                "in process, thread CPU time)",
-            *table(["A", "frames", "worker latency", "ping-pong", "driver publishing M msgs",
-                    "worker: M-1 earlier msgs", "worker: last msg -> action",
-                    "of it: decode", "of it: aggregate", "rest (wake-ups, loop)",
-                    "books after the action"], [_breakdown(row) for row in r["rows"]])]
+    out += ["", "  where a lockstep window's microseconds go (p50, µs): the ping-pong's wire; the "
+                "receive path (the worker's transport and event loop answering without work, "
+                "minus the ping-pong); the worker's own parts (in process, thread CPU time: "
+                "what is left of the M - 1 earlier messages when the driver has published the "
+                "last, the last message up to the action); the rest",
+            *table(["A", "frames", "worker p50", "wire", "receive path", "earlier msgs left",
+                    "last msg -> action", "of it: decode", "of it: aggregate", "rest",
+                    "books after"], [_breakdown(row) for row in r["rows"]])]
     return out
 
 
 def breakdown_parts(row: dict[str, Any]) -> dict[str, float]:
-    """The lockstep latency's parts (µs): the floor, the worker's own path, the rest.
+    """The lockstep latency's parts (µs): the floor, the receive path, the worker's own.
 
     The earlier M - 1 messages delay the action only by what is left of their decoding when
     the driver publishes the last one (their CPU time beyond the driver's publishing time).
@@ -56,20 +60,21 @@ def breakdown_parts(row: dict[str, Any]) -> dict[str, float]:
     b = row["breakdown"]
     total = row["worker"]["p50_us"]["median"]
     floor = row["pingpong"]["p50_us"]["median"]
+    transport = row["transport"]["p50_us"]["median"] if "transport" in row else floor
     backlog = max(0.0, b["earlier_messages_us"] - row["send_span_us"])
     own = b["last_message_to_action_us"]
-    return {"latency": total, "pingpong": floor, "send_span": row["send_span_us"],
-            "earlier": b["earlier_messages_us"], "backlog": backlog, "to_action": own,
-            "decode": b["last_message_decode_us"], "aggregate": b["aggregate_us"],
-            "rest": total - floor - backlog - own, "books": b["books_after_action_us"]}
+    return {"latency": total, "wire": floor, "receive": transport - floor,
+            "send_span": row["send_span_us"], "earlier": b["earlier_messages_us"],
+            "backlog": backlog, "to_action": own, "decode": b["last_message_decode_us"],
+            "aggregate": b["aggregate_us"], "rest": total - transport - backlog - own,
+            "books": b["books_after_action_us"]}
 
 
 def _breakdown(row: dict[str, Any]) -> list[str]:
     p = breakdown_parts(row)
-    return [str(row["actions"]), row["encoding"], num(p["latency"]), num(p["pingpong"]),
-            num(p["send_span"]), f"{num(p['earlier'])} (left: {num(p['backlog'])})",
-            num(p["to_action"]), num(p["decode"]), num(p["aggregate"]), num(p["rest"]),
-            num(p["books"])]
+    return [str(row["actions"]), row["encoding"], num(p["latency"]), num(p["wire"]),
+            num(p["receive"]), num(p["backlog"]), num(p["to_action"]), num(p["decode"]),
+            num(p["aggregate"]), num(p["rest"]), num(p["books"])]
 
 
 def zmq_pipelined(r: dict[str, Any]) -> list[str]:
@@ -92,3 +97,25 @@ def zmq_pipelined(r: dict[str, Any]) -> list[str]:
              "by repeat, median [min-max]"),
             *table(["A", "frames", "peer", "logits msgs/s", "steps/s", "p50 µs (queued)",
                     "lost", "peer CPU", "driver CPU"], rows)]
+
+
+def cost(r: dict[str, Any]) -> list[str]:
+    c = r["config"]
+    rows = []
+    for row in r["rows"]:
+        for name in _workers(row):
+            i = row[name]["instructions"]
+            rows.append([str(row["models"]), str(row["actions"]), row["encoding"], name,
+                         f"{i['worker'] / 1e3:,.0f}k" if i else "-",
+                         f"{i['harness'] / 1e3:,.0f}k" if i else "-",
+                         fig(row[name]["cpu_us_per_window"])])
+        if "before" in row and row["worker"]["instructions"]:
+            w, b = row["worker"], row["before"]
+            ins = w["instructions"]["worker"] / b["instructions"]["worker"]
+            cpu_ratio = w["cpu_us_per_window"]["median"] / b["cpu_us_per_window"]["median"]
+            rows.append(["", "", "", "worker/before", f"{ins:.2f}x", "", f"{cpu_ratio:.2f}x"])
+    return [f"cost per window: instructions = {c['instructions']}; harness: the models and "
+            "environment in the same process, not counted in the worker's",
+            f"  CPU = {c['cpu']}",
+            *table(["M", "A", "frames", "worker", "instructions/window", "harness",
+                    "CPU µs/window"], rows)]

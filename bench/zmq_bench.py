@@ -96,7 +96,7 @@ def handshake(swarm: Swarm, children: Sequence[Child],
 @contextmanager
 def peer(kind: str, plan: Plan, keyed: bool = False, metrics_port: int = 0) -> Iterator[Peer]:
     """`worker`, `pingpong` (zmq-echo) or `raw` (zmq-echo --parse), connected and answering;
-    `before`: the worker of the checkout `plan.before`."""
+    `before`: the worker of the checkout `plan.before`; `transport`: bench.transport_echo."""
     sub_ep = f"tcp://{HOST}:{free_port()}"
     pub_ep = f"tcp://{HOST}:{free_port()}"
     root = ROOT
@@ -111,6 +111,10 @@ def peer(kind: str, plan: Plan, keyed: bool = False, metrics_port: int = 0) -> I
             keys["window__key"] = ["ENV_ID", "STEP"]
         argv = python("-m", "processor", "run")
         env = worker_env(**keys)
+    elif kind == "transport":  # the worker's transport and loop, no work (lockstep)
+        argv = python("-m", "bench.transport_echo", "--sub", sub_ep, "--pub", pub_ep,
+                      "--models", str(plan.models))
+        env = {}
     else:
         argv = python("-m", "bench.peers", "zmq-echo", "--sub", sub_ep, "--pub", pub_ep,
                       "--models", str(plan.models))

@@ -206,7 +206,7 @@ def lockstep_cases(plan: Plan) -> list[tuple[int, str]]:
 def lockstep_section(plan: Plan) -> dict[str, Any]:
     cases = lockstep_cases(plan)
     frames = {c: lockstep_frames(plan.models, c[0], c[1]) for c in cases}
-    kinds = (*_workers(plan), "pingpong")
+    kinds = (*_workers(plan), "transport", "pingpong")
     runs: dict[tuple[int, str], dict[str, list[Run]]] = {c: {k: [] for k in kinds}
                                                          for c in cases}
     spans: dict[tuple[int, str], list[int]] = {c: [] for c in cases}

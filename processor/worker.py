@@ -81,6 +81,7 @@ class Worker:
         # closed window costs the same however many ids were ever seen.
         self.known: OrderedDict[str, None] = OrderedDict.fromkeys(cfg.window.model_ids)
         self.max_known = cfg.expected_models() or cfg.limits.max_models
+        self._known_tail: tuple[str, ...] = ()  # the models of the last window, in order
         self.rejects = RateLimitedLog(cfg.log.rate_limit_s, clock)
         self.key_fields = tuple(cfg.window.key)
         self.default_det = cfg.aggregate.deterministic
@@ -88,6 +89,7 @@ class Worker:
         self.t_logits, self.t_action, self.t_evolution = t.logits, t.action, t.evolution
         self.limits = cfg.limits
         self.published = 0
+        self._open_shown = -1  # open windows last set in the gauge (set when it changes)
         self.acks = transport.acks
         transport.on_reject = self.reject  # what the transport refuses is counted here
 
@@ -115,15 +117,21 @@ class Worker:
         settled: list[Any] = []  # tokens of rejected messages (acknowledging transports)
         lim = self.limits
         n_logits = n_evolution = 0
-        replaced = self.windows.replaced
+        windows = self.windows
+        replaced = windows.replaced
+        # The per-message path, with its names bound once: it runs for every message.
+        t_logits, add, key_fields = self.t_logits, windows.add, self.key_fields
+        max_bytes, max_actions, max_batch = lim.max_message_bytes, lim.max_actions, lim.max_batch
         for topic, payload, at, token in batch:
-            if topic == self.t_logits:
+            if topic == t_logits:
                 n_logits += 1
                 try:
-                    msg = decode_logits(payload, self.key_fields, lim.max_message_bytes,
-                                        lim.max_actions, lim.max_batch)
-                    msg.token = token
-                    pending += self.windows.add(msg, at)
+                    msg = decode_logits(payload, key_fields, max_bytes, max_actions, max_batch)
+                    if token is not None:
+                        msg.token = token
+                    closed = add(msg, at)
+                    if closed:
+                        pending += closed
                 except RejectedError as e:
                     self.reject(e.reason, e.detail, e.sender)
                     if token is not None:
@@ -136,19 +144,21 @@ class Worker:
                     await self._flush(pending)
                     pending = []
                     await self._command(request["CMD"], request)
-        if self.windows.replaced != replaced:
-            self.metrics.reject("duplicate", self.windows.replaced - replaced)
+        if windows.replaced != replaced:
+            self.metrics.reject("duplicate", windows.replaced - replaced)
             self.rejects.reject("duplicate", "lockstep: a model sent again; its newer logits "
                                 "replace the older", None)
         if n_logits:
             self.metrics.receive(self.t_logits, n_logits)
         if n_evolution:
             self.metrics.receive(self.t_evolution, n_evolution)
-        pending += self.windows.expire(self.clock())
+        pending += windows.expire(self.clock())
         await self._flush(pending)
         if settled:
             await self.transport.settle(settled)
-        self.metrics.open_windows.set(len(self.windows))
+        if len(windows) != self._open_shown:
+            self._open_shown = len(windows)
+            self.metrics.open_windows.set(self._open_shown)
 
     # -- output -------------------------------------------------------------------------
 
@@ -168,14 +178,19 @@ class Worker:
                 tokens += c.window.tokens
             models = c.window.models
             if not roster:
-                touch = known.move_to_end
-                for m in models:
-                    if m in known:
-                        touch(m)
-                    else:
-                        known[m] = None
-                while len(known) > self.max_known:
-                    known.popitem(last=False)
+                order = tuple(models)
+                if order != self._known_tail:
+                    # (Otherwise the latest models are these, in this order, already: the
+                    # lockstep case, where touching them again would change nothing.)
+                    touch = known.move_to_end
+                    for m in order:
+                        if m in known:
+                            touch(m)
+                        else:
+                            known[m] = None
+                    while len(known) > self.max_known:
+                        known.popitem(last=False)
+                    self._known_tail = order
             if len(models) < len(known):
                 missing = known.keys() - models.keys()
                 self.ledger.miss(missing)

@@ -17,7 +17,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK_TIMEOUT_S = 240
-SECTIONS = ("zmq_lockstep", "zmq_pipelined", "swergio_lockstep", "metrics", "kernel")
+SECTIONS = ("zmq_lockstep", "zmq_pipelined", "swergio_lockstep", "metrics", "kernel", "cost")
 
 
 def stats(node: Any, path: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
