@@ -9,7 +9,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -122,10 +122,20 @@ def rss_mb(pid: int) -> float:
     raise RuntimeError("no VmRSS")
 
 
-def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05) -> bool:
+def wait_for(cond: Callable[[], Any], timeout: float = 10.0, what: str | None = None,
+             step: float = 0.05) -> Any:
+    """Poll `cond` until it gives something truthy, and return that.
+
+    After `timeout` seconds: with `what`, an AssertionError naming it (and the last value);
+    without, the last (falsy) value, for the caller to assert on.
+    """
     end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return bool(predicate())
+    while True:
+        value = cond()
+        if value or time.monotonic() > end:
+            break
+        time.sleep(step)
+    if not value and what is not None:
+        raise AssertionError(f"timed out after {timeout:.1f} s waiting for {what} "
+                             f"(last: {value!r})")
+    return value

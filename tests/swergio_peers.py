@@ -30,9 +30,9 @@ from swergio import MESSAGE_TYPE, Client, Trigger
 from processor.config import Config
 from processor.metrics import Metrics
 from processor.worker import Worker
+from tests.procs import ROOT, wait_for
 from transports import create
 
-ROOT = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.1"
 FORMAT = "utf-8"
 HEADER_LENGTH = 10
@@ -44,25 +44,6 @@ SERVER_CODE = (
     "from swergio import Server\n"
     "Server(sys.argv[1], int(sys.argv[2]), 'utf-8', 10).start()\n"
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for(cond: Callable[[], Any], timeout: float, what: str, step: float = 0.005) -> Any:
-    """Poll `cond` until it returns something truthy; AssertionError naming `what` after
-    `timeout` seconds."""
-    end = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out after {timeout:.1f}s waiting for {what}")
-        time.sleep(step)
 
 
 def _stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:

@@ -20,7 +20,6 @@ import shutil
 import signal
 import sys
 import threading
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -33,6 +32,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from processor.apps.loadgen import LoadGenerator
+from tests import procs
 from tests.procs import ROOT, cli, free_port, output, process, worker_env
 
 pytestmark = pytest.mark.timeout(120)
@@ -73,14 +73,7 @@ def http(url: str, timeout: float = 5.0) -> tuple[int, str]:
 
 def wait_for(what: str, probe: Callable[[], Any], timeout: float = 20.0,
              every: float = 0.2) -> Any:
-    end = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < end:
-        last = probe()
-        if last:
-            return last
-        time.sleep(every)
-    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r})")
+    return procs.wait_for(probe, timeout, what, every)
 
 
 class Prometheus:

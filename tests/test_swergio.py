@@ -25,6 +25,7 @@ import pytest
 from processor.config import from_mapping
 from processor.metrics import Metrics
 from processor.worker import Worker
+from tests.procs import free_port, wait_for
 from tests.swergio_peers import (
     HOST,
     WORKER_NAME,
@@ -33,11 +34,9 @@ from tests.swergio_peers import (
     Evolution,
     WorkerThread,
     data,
-    free_port,
     model,
     process_output,
     swergio_server,
-    wait_for,
     worker_process,
     worker_toml,
 )

@@ -28,17 +28,15 @@ import orjson
 import pytest
 from swergio import Client
 
+from tests.procs import ROOT, free_port, wait_for
 from tests.swergio_peers import (
     HOST,
-    ROOT,
     WORKER_NAME,
     Environment,
     Evolution,
-    free_port,
     model,
     process_output,
     swergio_server,
-    wait_for,
     worker_process,
     worker_toml,
 )

@@ -12,6 +12,7 @@ from types import TracebackType
 from typing import Any, ClassVar, Self
 
 from processor.config import Config
+from processor.messages import Payload
 
 from .base import MAX_BURST, Envelope, RejectHook
 
@@ -60,13 +61,19 @@ class MemoryBus:
             self.subscribers.setdefault(t, []).append(sub)
         return sub
 
+    def join(self, sub: Subscription, topic: str) -> None:
+        """One more topic for a subscription."""
+        if topic not in sub.topics:
+            sub.topics = (*sub.topics, topic)
+            self.subscribers.setdefault(topic, []).append(sub)
+
     def unsubscribe(self, sub: Subscription) -> None:
         for t in sub.topics:
             subs = self.subscribers.get(t, [])
             if sub in subs:
                 subs.remove(sub)
 
-    def publish(self, topic: str, payload: bytes) -> None:
+    def publish(self, topic: str, payload: Payload) -> None:
         now = time.monotonic()
         for sub in self.subscribers.get(topic, ()):
             sub.queue.put_nowait((topic, payload, now, None))

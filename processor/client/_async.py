@@ -77,8 +77,10 @@ def make_link(cfg: Config, name: str | None, endpoints: tuple[str, str] | None,
     if kind == "nats":
         from ._nats import AsyncNatsLink
         return AsyncNatsLink(cfg, client_name(name))
-    raise ClientError(f"the client speaks zmq, swergio and nats, not {kind!r} (the memory "
-                      "bus is in-process: hand the worker a MemoryTransport instead)")
+    if kind == "memory":
+        from ._memory import AsyncMemoryLink
+        return AsyncMemoryLink(cfg)
+    raise ClientError(f"the client speaks zmq, swergio, nats and memory, not {kind!r}")
 
 
 def merger(cfg: Config) -> tuple[int | None, Any]:

@@ -167,8 +167,8 @@ def make_link(cfg: Config, name: str | None, endpoints: tuple[str, str] | None,
         from . import _async
         label = client_name(name)
         return Portal(lambda: _async.make_link(cfg, label, endpoints, curve))
-    raise ClientError(f"the client speaks zmq, swergio and nats, not {kind!r} (the memory "
-                      "bus is in-process: hand the worker a MemoryTransport instead)")
+    raise ClientError(f"the sync client speaks zmq, swergio and nats, not {kind!r} (the "
+                      "memory bus lives in one event loop: use connect_async there)")
 
 
 class Swarm:
