@@ -114,8 +114,12 @@ class Strategy:
         probs_t = torch.softmax(xt, dim=-1)                              # (W, M, B, A)
         support_t, summed_t = self.support(xt, probs_t, None if w is None
                                            else torch.from_numpy(w))
-        probs, support = probs_t.numpy(), support_t.numpy()
-        score = _sum_models(summed_t.numpy())                            # (W, B, A)
+        probs = probs_t.numpy()
+        support = probs if support_t is probs_t else support_t.numpy()
+        score = _sum_models(support if summed_t is support_t else summed_t.numpy())  # W, B, A
+        n_w, _, n_b, _ = x.shape
+        if n_w == 1 and n_b == 1 and self.score_sums_support and not self.support_may_vanish:
+            return self._one(x, bool(det[0]), score, support)
         actions = score.argmax(axis=-1)                                  # (W, B)
         if not det.all():
             if not det.any():
@@ -123,27 +127,15 @@ class Strategy:
             else:
                 rows = ~det
                 actions[rows] = self.sample(score[rows], support[rows])
-        n_w, _, n_b, _ = x.shape
-        if n_w == 1 and n_b == 1:
-            # One window of one environment (lockstep): plain indexing instead of the
-            # gathers below, same values (no arithmetic differs).
-            a = int(actions[0, 0])
-            chosen = support[0, :, 0, a].astype(np.float64)[None, :, None]  # (1, M, 1)
-            if self.score_sums_support:
-                total = score[0, :, a].astype(np.float64)[:, None, None]  # (1, 1, 1)
-            else:
-                total = chosen.sum(axis=1, keepdims=True)
+        wi, bi = np.arange(n_w)[:, None], np.arange(n_b)[None, :]
+        chosen = support[wi, :, bi, actions].transpose(0, 2, 1).astype(np.float64)  # W, M, B
+        if self.score_sums_support:
+            total = score[wi, bi, actions][:, None, :].astype(np.float64)  # (W, 1, B)
         else:
-            wi, bi = np.arange(n_w)[:, None], np.arange(n_b)[None, :]
-            chosen = support[wi, :, bi, actions].transpose(0, 2, 1).astype(np.float64)
-            if self.score_sums_support:
-                total = score[wi, bi, actions][:, None, :].astype(np.float64)  # (W, 1, B)
-            else:
-                total = chosen.sum(axis=1, keepdims=True)
+            total = chosen.sum(axis=1, keepdims=True)
         if self.support_may_vanish and (total <= 0).any():
             # Nobody supported the action taken (a sampled action no model voted for):
             # each model's probability of it stands in.
-            wi, bi = np.arange(n_w)[:, None], np.arange(n_b)[None, :]
             weighted = probs if w is None else probs * w[:, :, None, None]
             fallback = weighted[wi, :, bi, actions].transpose(0, 2, 1).astype(np.float64)
             chosen = np.where(total > 0, chosen, fallback)
@@ -151,6 +143,17 @@ class Strategy:
         credit = chosen / total
         agree = x.argmax(axis=-1) == actions[:, None, :]                 # (W, M, B)
         return actions, credit, agree
+
+    def _one(self, x: np.ndarray, det: bool, score: np.ndarray, support: np.ndarray
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`aggregate` of one window of one environment (lockstep), for the rules whose
+        score sums the support: plain indexing and a scalar total instead of gathers; the
+        same values, operation for operation."""
+        a = int(score[0, 0].argmax()) if det else int(self.sample(score, support)[0, 0])
+        credit = support[0, :, 0, a].astype(np.float64) / float(score[0, 0, a])   # (M,)
+        m = credit.shape[0]
+        agree = x.argmax(axis=-1) == a                                   # (1, M, 1)
+        return np.array([[a]]), credit.reshape(1, m, 1), agree
 
     # score is the sum of support over the models (the credit's denominator is score[a])
     score_sums_support = True
