@@ -126,14 +126,21 @@ def summary(args: argparse.Namespace, res: Result, runner: Runner, started_s: fl
 def headline(args: argparse.Namespace, words: str) -> str:
     steps = f"{args.steps} steps" if args.steps else "steps until Ctrl-C"
     if not args.evolve_every:
-        evolution = "no evolution"
+        evolution = "none"
     else:
-        basis = (f"ranked on {args.eval_steps} argmax steps" if args.eval_steps
-                 else "ranked on all steps")
-        evolution = f"evolution every {args.evolve_every} steps ({args.evolve}, {basis})"
+        basis = (f"the last {args.eval_steps} steps (argmax)" if args.eval_steps
+                 else "all steps since the last round")
+        act = {"copy": "copy the best one's weights to the worst",
+               "weights": "set the worker's aggregation weights by rank",
+               "both": "copy the best one's weights to the worst and set the worker's "
+                       "aggregation weights by rank"}[args.evolve]
+        evolution = f"every {args.evolve_every} steps, rank the models on {basis} and {act}"
+    envs = "1 CartPole-v1 environment" if args.envs == 1 else \
+        f"{args.envs} CartPole-v1 environments per step"
     return (f"cartpole swarm: {args.models} {args.algo.upper()} models (an update every "
-            f"{args.train_every} steps), {args.envs} CartPole-v1 environment(s), {steps}; "
-            f"{words}; {evolution}. Ctrl-C stops.")
+            f"{args.train_every} steps), {envs}, {steps}\n"
+            f"transport: {words}\n"
+            f"evolution: {evolution} (Ctrl-C stops)")
 
 
 def run(args: argparse.Namespace, folder: Path, stop: threading.Event) -> dict[str, Any]:
@@ -158,24 +165,45 @@ def run(args: argparse.Namespace, folder: Path, stop: threading.Event) -> dict[s
             if out is not None:
                 print(f"ready in {started:.1f} s: worker and {args.models} models answer",
                       flush=True)
-            res = runner.run(args.steps, args.evolve_every, args.warmup, args.deterministic)
+            marks: list[dict[str, float]] = []
+            res = runner.run(args.steps, args.evolve_every, args.warmup, args.deterministic,
+                             mark=lambda: marks.append(procs.cpu_seconds()))
             runner.finish()
         exits = {m.name: stop_quietly(m, 10.0) for m in models}
         exits.update({c.name: c.stop() for c in reversed(procs.children) if c not in models})
     finally:
         procs.stop_all()
-    return report(args, res, runner, started, exits)
+    return report(args, res, runner, started, exits, cpu_per_step(marks, res.warm_steps))
+
+
+def cpu_per_step(marks: list[dict[str, float]], steps: int) -> dict[str, float]:
+    """CPU milliseconds per step after the warm-up, by role: the models together, the
+    worker, the transport's process, the launcher (environment and evolution)."""
+    if len(marks) != 2 or not steps:
+        return {}
+    a, b = marks
+    out: dict[str, float] = {}
+    for name in a.keys() & b.keys():
+        role = "models" if name.startswith("model-") else name
+        out[role] = out.get(role, 0.0) + 1000 * (b[name] - a[name]) / steps
+    out["total"] = sum(out.values())
+    return out
 
 
 def report(args: argparse.Namespace, res: Result, runner: Runner, started: float,
-           exits: dict[str, int]) -> dict[str, Any]:
+           exits: dict[str, int], cpu: dict[str, float]) -> dict[str, Any]:
     s = summary(args, res, runner, started, exits)
+    s["cpu_ms_per_step"] = cpu
     print(f"\n{res.steps} steps in {res.seconds:.1f} s: {s['steps_per_s']:.1f} steps/s, "
           f"{s['env_steps_per_s']:.1f} environment steps/s (B = {args.envs})"
           + (f"; after {args.warmup} warm-up steps {s['warm_steps_per_s']:.1f} steps/s"
              if s["warm_steps_per_s"] else ""))
     reward = f"{s['reward_last']:.1f}" if s["reward_last"] is not None else "-"
     print(f"episodes: {s['episodes']}, mean reward of the last {REWARD_WINDOW}: {reward}")
+    if cpu:
+        parts = ", ".join(f"{k} {v:.2f}" for k, v in sorted(cpu.items(), key=lambda kv: -kv[1])
+                          if k != "total")
+        print(f"CPU per step: {cpu['total']:.2f} ms over all processes ({parts})")
     print(f"every step answered: {res.answered} of {res.steps} actions, {res.partial} "
           f"partial; evolution rounds: {s['rounds']} ({s['copies']} copies)")
     print(f"contribution leaderboard (the worker's GETs over the run; they sum to "

@@ -123,10 +123,11 @@ class Runner:
                         waiting.discard(str(msg.get("MODEL")))
 
     def run(self, steps: int, evolve_every: int, warmup: int, deterministic: bool,
-            progress_s: float = 1.0) -> Result:
+            mark: Callable[[], None] = lambda: None, progress_s: float = 1.0) -> Result:
         """`steps` steps, sampled actions unless `deterministic`; a round every
         `evolve_every` steps, ranking the models on the `eval_steps` steps before it, which
-        take argmax actions (none: on all the steps since the previous round)."""
+        take argmax actions (none: on all the steps since the previous round). `mark` is
+        called at the end of the warm-up and at the end of the steps."""
         res = Result()
         envs = CartPoles(self.b, self.seed)
         res.episodes = envs.episodes
@@ -161,6 +162,7 @@ class Runner:
             step += 1
             res.steps = step
             if step == warmup:
+                mark()
                 t_warm = time.monotonic()
             if evolve_every and step % evolve_every == 0 and step < limit:
                 self._report_round(self.evolution.round(step))
@@ -171,6 +173,7 @@ class Runner:
         end = time.monotonic()
         res.seconds = end - t0
         if step > warmup:
+            mark()
             res.warm_steps, res.warm_seconds = step - warmup, end - t_warm
         res.stopped = step < limit
         res.rounds = self.evolution.rounds

@@ -49,6 +49,7 @@ def make_algorithm(algo: str, envs: int, train_every: int, seed: int) -> Any:
     common: dict[str, Any] = {
         "n_steps": train_every, "device": "cpu", "seed": seed, "verbose": 0,
         "policy_kwargs": {"net_arch": {"pi": [16, 16], "vf": [16, 16]}}}
+    model: A2C | PPO
     if algo == "ppo":
         # One minibatch of the whole rollout: PPO's default of 64 exceeds 5 x B.
         model = PPO("MlpPolicy", spaces, batch_size=train_every * envs, **common)
@@ -141,7 +142,8 @@ class Learner:
         for name, old in state.items():
             values = np.asarray(weights[name], dtype=np.float32).reshape(tuple(old.shape))
             if noise > 0 and old.is_floating_point():
-                values = values + self.rng.normal(0.0, noise, values.shape).astype(np.float32)
+                mutation = self.rng.normal(0.0, noise, values.shape)
+                values = values + np.asarray(mutation, dtype=np.float32)
             new[name] = self.torch.as_tensor(values, dtype=old.dtype)
         self.policy.load_state_dict(new)
         self.buffer.reset()
