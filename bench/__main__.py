@@ -22,7 +22,7 @@ Opt-in (only with `--only`; about 2 minutes, most of it waiting on the original 
                     our server and the worker: steps/s side by side.
 - cartpole          the CartPole example (examples/cartpole_swarm, the rl extra) end to
                     end on ZeroMQ, NATS and swergio: 6 SB3 models trained every 5 steps,
-                    steps/s; 16 environments per step, environment steps/s (6 minutes).
+                    steps/s; 16 environments per step, environment steps/s (about 10 minutes).
 
 Every figure is the median of `--repeats` runs with its min-max. Everything runs on
 127.0.0.1 with ports chosen at run time; every process started is stopped at the end.
