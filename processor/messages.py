@@ -47,8 +47,19 @@ F32_MAX = float(np.finfo(np.float32).max)
 SMALL_ROW = 256  # longer rows are checked in numpy, where that is cheaper than in Python
 
 
+def _has_bool(values: list[Any]) -> bool:
+    """Whether JSON's true or false is among the values (numpy and min/max take them as
+    1 and 0; they are no logits)."""
+    return any(v.__class__ is bool for v in values)
+
+
 def _convert_rows(raw: list[Any], sender: str, max_actions: int, max_batch: int) -> np.ndarray:
     """LOGITS as float32 (B, A): the general path (batches, long rows)."""
+    rows = raw if raw[0].__class__ is list else [raw]
+    for row in rows:
+        if row.__class__ is list and (True in row or False in row) and _has_bool(row):
+            raise DecodeError("bad_logits", "LOGITS must hold numbers, not true or false",
+                              sender)
     try:
         with np.errstate(over="ignore", invalid="ignore"):  # past float32: inf, saturated below
             arr = np.array(raw, dtype=np.float32)
@@ -177,6 +188,8 @@ def _short_row(raw: list[Any], sender: str, max_actions: int) -> np.ndarray:
         in_range = -F32_MAX <= min(raw) and max(raw) <= F32_MAX
     except TypeError:
         raise DecodeError("bad_logits", "LOGITS must hold numbers", sender) from None
+    if (True in raw or False in raw) and _has_bool(raw):  # (1.0 == True: look closer)
+        raise DecodeError("bad_logits", "LOGITS must hold numbers, not true or false", sender)
     if not in_range:  # finite (JSON has no infinity), past float32: saturate
         raw = [min(max(v, -F32_MAX), F32_MAX) for v in raw]
     try:

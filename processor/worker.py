@@ -39,6 +39,7 @@ if TYPE_CHECKING:  # the core imports no transport; the interface is only a type
 
 log = logging.getLogger("swarm_aggregator")
 
+INF = float("inf")
 IDLE_WAIT = 0.1  # longest receive wait, so a stop request is noticed promptly
 
 
@@ -99,6 +100,10 @@ class Worker:
         self.metrics.reject(reason)
         self.rejects.reject(reason, detail, sender)
 
+    def _due(self) -> float:
+        deadline = self.windows.next_deadline()
+        return INF if deadline is None else deadline
+
     def _request(self, payload: Payload) -> dict[str, Any] | None:
         """An evolution command for this worker, or None (WEIGHTS and the like, never
         parsed; replies of workers; commands it does not know)."""
@@ -122,7 +127,14 @@ class Worker:
         # The per-message path, with its names bound once: it runs for every message.
         t_logits, add, key_fields = self.t_logits, windows.add, self.key_fields
         max_bytes, max_actions, max_batch = lim.max_message_bytes, lim.max_actions, lim.max_batch
+        # When the loop was busy past a window's deadline, the window closes before the
+        # first message of the burst that came after it (that message is late for it).
+        timed = bool(windows.timeout)
+        due = self._due() if timed else INF
         for topic, payload, at, token in batch:
+            if at >= due:
+                pending += windows.expire(at)
+                due = self._due()
             if topic == t_logits:
                 n_logits += 1
                 try:
@@ -132,6 +144,8 @@ class Worker:
                     closed = add(msg, at)
                     if closed:
                         pending += closed
+                    if due == INF and timed:
+                        due = self._due()
                 except RejectedError as e:
                     self.reject(e.reason, e.detail, e.sender)
                     if token is not None:

@@ -71,8 +71,12 @@ def test_step_key_and_propagated_fields():
     (b'{"LOGITS": [1, null], "COMPONENT_ID": "a"}', "bad_logits"),
     (b'{"LOGITS": [[1, 2], [null, 3]], "COMPONENT_ID": "a"}', "bad_logits"),
     (b'{"LOGITS": [[1, 2], [3.5e38, 3]], "COMPONENT_ID": "a"}', "ok"),   # saturates
-    (b'{"LOGITS": [1, 2, 3, true], "COMPONENT_ID": "a", "X": [' + b"1," * 300 + b'1]}',
-     "ok"),
+    (b'{"LOGITS": [1, 2, 3], "COMPONENT_ID": "a", "X": [' + b"1," * 300 + b'1]}', "ok"),
+    (b'{"LOGITS": [1, 2, 3, true], "COMPONENT_ID": "a"}', "bad_logits"),  # not a number
+    (b'{"LOGITS": [false, 0.5], "COMPONENT_ID": "a"}', "bad_logits"),
+    (b'{"LOGITS": [[0.5, 1.0], [0.5, true]], "COMPONENT_ID": "a"}', "bad_logits"),
+    (b'{"LOGITS": [' + b"1.5, " * 300 + b'true], "COMPONENT_ID": "a"}', "bad_logits"),
+    (b'{"LOGITS": [1.0, 0.0, 1, 0], "COMPONENT_ID": "a"}', "ok"),  # equal to true, not it
     (b'{"LOGITS": {"0": 1}, "COMPONENT_ID": "a"}', "bad_logits"),
     (b'{"LOGITS": [1, 1e39], "COMPONENT_ID": "a"}', "ok"),     # saturates to float32 max
     (b'{"LOGITS": [1, -1e300], "COMPONENT_ID": "a"}', "ok"),
