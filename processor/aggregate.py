@@ -47,7 +47,6 @@ import numpy as np
 import torch
 
 
-
 def use_one_thread() -> None:
     """For a process that runs a worker: torch's small tensors here gain nothing from
     threads, which would steal a core from the transport. Called where a worker starts, not

@@ -89,7 +89,8 @@ def _all_finite(arr: np.ndarray) -> bool:
     """
     if arr.size <= SHORT_FINITE and _NATIVE_F32:
         try:
-            return math.isfinite(sum(memoryview(arr).cast("B").cast("f")))
+            values = arr.data.cast("B").cast("f")
+            return math.isfinite(sum(values, 0.0))
         except TypeError:  # not C-contiguous: numpy below
             pass
     return bool(np.isfinite(arr).all())

@@ -29,18 +29,26 @@ from typing import Any, Self
 import zmq
 
 from processor.config import Config
-
-Socket = zmq.Socket[bytes]
 from processor.errors import ConfigError
 
-from .base import MAX_BURST, Envelope, RejectHook
+from .base import Envelope, RejectHook
+
+Socket = zmq.Socket[bytes]
+
+
+# Messages per receive at most (below base.MAX_BURST). The actions of a burst go out once
+# all of it is decoded, so on a busy queue a smaller burst lets the environments and models
+# work while the worker does, instead of waiting for thousands of messages at a time; still
+# large enough (about 25 windows of 20 models) that aggregation and the books run for many
+# windows at once.
+BURST = 512
 
 
 class ZmqTransport:
     acks = False
 
-    def __init__(self, cfg: Config, on_reject: RejectHook, context: zmq.Context[Socket] | None = None
-                 ) -> None:
+    def __init__(self, cfg: Config, on_reject: RejectHook,
+                 context: zmq.Context[Socket] | None = None) -> None:
         self.cfg = cfg.transport.zmq
         self.topics = {cfg.topics.logits.encode(): cfg.topics.logits,
                        cfg.topics.evolution.encode(): cfg.topics.evolution}
@@ -152,7 +160,7 @@ class ZmqTransport:
         return self._drain(sub)
 
     def _drain(self, sub: Socket) -> list[Envelope]:
-        """What is queued now, up to MAX_BURST messages, each checked for its frames.
+        """What is queued now, up to BURST messages, each checked for its frames.
 
         Frames are read one at a time without copies (`copy=False`: a frame object that
         knows whether more of its message follows), not with `recv_multipart`, which asks
@@ -166,7 +174,7 @@ class ZmqTransport:
         logits = self.logits_topic
         max_bytes = self.max_bytes
         now = time.monotonic()
-        while len(out) < MAX_BURST:
+        while len(out) < BURST:
             try:
                 first = recv(zmq.NOBLOCK, copy=False)
             except zmq.Again:
