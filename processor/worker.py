@@ -10,6 +10,7 @@ decided, then answers with the ledger and resets it (the seed's semantics).
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from collections import OrderedDict
@@ -308,6 +309,10 @@ class Worker:
     async def run(self, stop: asyncio.Event, started: asyncio.Event | None = None) -> None:
         """Serve until `stop` is set; then publish what has its quorum and close."""
         use_one_thread()
+        # What start-up allocated (the imports: torch alone brings 100,000s of objects)
+        # leaves the collector's scans: a full collection would otherwise stop the worker
+        # for tens of milliseconds now and then, in the middle of a window.
+        gc.freeze()
         async with self.transport:
             self.metrics.ready.set(1 if self.transport.ready else 0)
             if started is not None:
