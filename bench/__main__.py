@@ -45,7 +45,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import report
+from . import report, targets
 from .common import ROOT, Plan
 
 SECTIONS = ("zmq_lockstep", "zmq_pipelined", "swergio_lockstep", "metrics", "kernel", "cost")
@@ -181,6 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               flush=True)
     result["meta"]["seconds"] = round(time.monotonic() - t0, 2)
     result["meta"]["host"]["loadavg_end"] = list(os.getloadavg())
+    result["targets"] = targets.targets(result["sections"])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     load = result["meta"]["host"]
@@ -189,6 +190,8 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{load['loadavg_start'][0]:.1f} -> {load['loadavg_end'][0]:.1f}; "
           f"{result['meta']['seconds']:.0f} s)\n")
     print(report.render(result["sections"]))
+    if result["targets"]:
+        print(targets.render(result["targets"]) + "\n")
     print(f"JSON: {args.out}")
     return 1 if failed else 0
 

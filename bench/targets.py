@@ -1,0 +1,99 @@
+"""Issue 14's targets, each with its ratio as measured in this run (median [min-max] over
+the repeats, each repeat's ratio taken from measurements made back to back), and the
+instruction counts beside them. `python -m bench` prints this after the sections and
+writes it under `targets` in the JSON; `render(targets(sections))` reprints a saved run.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .common import stat
+from .report import num, table
+
+
+def _spread(runs: list[float]) -> dict[str, Any] | None:
+    return stat(runs) if runs else None
+
+
+def _row(name: str, goal: str, at_most: float | None, at_least: float | None,
+         figure: dict[str, Any] | None, unit: str = "x") -> dict[str, Any]:
+    ok = None
+    if figure is not None:
+        m = figure["median"]
+        ok = (at_most is None or m <= at_most) and (at_least is None or m >= at_least)
+    return {"target": name, "goal": goal, "figure": figure, "unit": unit, "met": ok}
+
+
+def targets(sections: dict[str, Any]) -> list[dict[str, Any]]:
+    """The targets found in these sections (a section that did not run adds none)."""
+    out: list[dict[str, Any]] = []
+    lock = sections.get("zmq_lockstep", {})
+    for row in lock.get("rows", []):
+        a, enc = row["actions"], row["encoding"]
+        out.append(_row(f"lockstep p50 / ZeroMQ ping-pong, A = {a}, {enc}", "<= 1.6x", 1.6,
+                        None, _spread(row["worker"].get("ratio_p50_runs", []))))
+        if "before" in row:
+            out.append(_row(f"  before (--before), A = {a}, {enc}", "", None, None,
+                            _spread(row["before"].get("ratio_p50_runs", []))))
+    for row in lock.get("rows", []):
+        if row["actions"] == 18 and row["encoding"] == "json":
+            out.append(_row("lockstep p99, A = 18, json", "< 1,000 µs", 999.999, None,
+                            row["worker"].get("p99_us"), unit=" µs"))
+            if "before" in row:
+                out.append(_row("  before (--before)", "", None, None,
+                                row["before"].get("p99_us"), unit=" µs"))
+    pipe = sections.get("zmq_pipelined", {})
+    for row in pipe.get("rows", []):
+        a, enc = row["actions"], row["encoding"]
+        out.append(_row(f"pipelined msgs/s / its bare receiver, A = {a}, {enc}", ">= 0.65x",
+                        None, 0.65, _spread(row["worker"].get("ratio_runs", []))))
+        if "before" in row:
+            out.append(_row(f"  before (--before), A = {a}, {enc}", "", None, None,
+                            _spread(row["before"].get("ratio_runs", []))))
+        if enc == "binary":
+            goal = (">= 1.0x", 1.0) if a == 18 else ("", None)
+            out.append(_row(f"pipelined steps/s binary / JSON, A = {a}", goal[0], None,
+                            goal[1], _spread(row["worker"].get("binary_over_json_runs", []))))
+            if "before" in row:
+                out.append(_row(f"  before (--before), A = {a}", "", None, None,
+                                _spread(row["before"].get("binary_over_json_runs", []))))
+    for row in sections.get("cost", {}).get("rows", []):
+        for k in ("worker", "before"):
+            if k not in row:
+                continue
+            i = row[k]["instructions"]
+            label = "" if k == "worker" else "  before: "
+            if i:
+                out.append(_row(f"{label}instructions per window, M = {row['models']}, "
+                                f"A = {row['actions']}, {row['encoding']}", "", None, None,
+                                stat([i["worker"]]), unit=""))
+            out.append(_row(f"{label}CPU per window, M = {row['models']}, "
+                            f"A = {row['actions']}, {row['encoding']}", "", None, None,
+                            row[k]["cpu_us_per_window"], unit=" µs"))
+    return out
+
+
+def _fig(f: dict[str, Any] | None, unit: str) -> str:
+    if f is None:
+        return "-"
+    if unit == "x":
+        body = f"{f['median']:.2f}x"
+        if len(f["runs"]) > 1:
+            body += f" [{f['min']:.2f}-{f['max']:.2f}]"
+        return body
+    body = num(f["median"]) + unit
+    if len(f["runs"]) > 1:
+        body += f" [{num(f['min'])}-{num(f['max'])}]"
+    return body
+
+
+def render(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return ""
+    lines = [[r["target"], r["goal"], _fig(r["figure"], r["unit"]),
+              "" if r["met"] is None or not r["goal"] else ("met" if r["met"] else "NOT met")]
+             for r in rows]
+    return "\n".join(["targets (issue 14), measured in this run: median [min-max] of the "
+                      "repeats' ratios; met or not on the median",
+                      *table(["target", "goal", "measured", ""], lines)])
