@@ -2,16 +2,24 @@
 
 Sections (all by default, in this order; `--only a,b` picks some):
 
-- zmq_lockstep      the worker on ZeroMQ, lockstep, M = 20, A = 2, 18, 1000: steps/s and
-                    latency (last publish -> action), next to a ZeroMQ ping-pong.
-- zmq_pipelined     keyed windows, K windows in flight: sustained logits messages/s,
-                    steps/s, losses, next to a bare receiver (recv + orjson.loads).
+- zmq_lockstep      the worker on ZeroMQ, lockstep, M = 20, A = 2, 18, 1000 (and binary
+                    frames at 1000): steps/s and latency (last publish -> action), next
+                    to a ZeroMQ ping-pong and the worker's transport alone; where the
+                    latency goes.
+- zmq_pipelined     keyed windows, K windows in flight, JSON and binary logits, A = 18 and
+                    1000: sustained logits messages/s, steps/s, losses, next to a bare
+                    receiver (recv_multipart + orjson.loads, + np.frombuffer).
 - swergio_lockstep  the worker on the swergio 0.0.2 server, next to the swergio example's
                     aggregator and a no-math echo component on the same server.
 - metrics           zmq_lockstep and zmq_pipelined (A = 18) with the metrics server on
                     (and scraped) against SWARM_AGG__METRICS__PORT=0.
 - kernel            SumProbs per window (1 vs 64, 256 windows per call) and the decoding
                     cost per message, in this process.
+- cost              instructions per window (valgrind) over a fixed in-process workload,
+                    and the worker's CPU time per window (/proc) over a fixed one.
+
+Then issue 14's targets, each with the ratio this run measured (`bench.targets`).
+`--before DIR` measures the worker of another checkout beside this one.
 
 Opt-in (only with `--only`; about 2 minutes, most of it waiting on the original server):
 
