@@ -120,3 +120,26 @@ def test_unknown_section_is_refused() -> None:
                           cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 2
     assert "nope" in proc.stderr
+
+
+@pytest.mark.timeout(300)
+def test_quick_suite_binary_frames_breakdown_cost_and_targets(quick: dict[str, Any]) -> None:
+    pipelined = quick["sections"]["zmq_pipelined"]["rows"]
+    assert {r["encoding"] for r in pipelined} == {"json", "binary"}
+    for row in pipelined:
+        assert row["worker"]["ratio_runs"] and all(positive(x)
+                                                   for x in row["worker"]["ratio_runs"])
+        if row["encoding"] == "binary":
+            assert positive(row["worker"]["binary_over_json"])
+    for row in quick["sections"]["zmq_lockstep"]["rows"]:
+        assert row["transport"]["lost"] == 0 and row["transport"]["steps"] > 0
+        assert all(positive(v) for k, v in row["breakdown"].items() if k.endswith("_us"))
+        assert positive(row["send_span_us"])
+    cost = quick["sections"]["cost"]
+    assert cost["rows"] and all(positive(r["worker"]["cpu_us_per_window"]["median"])
+                                for r in cost["rows"])
+    assert all(r["worker"]["instructions"] is None for r in cost["rows"])  # --quick: none
+    names = [t["target"] for t in quick["targets"]]
+    assert any(n.startswith("lockstep p50") for n in names)
+    assert any(n.startswith("pipelined steps/s binary / JSON") for n in names)
+    assert all(t["met"] in (True, False, None) for t in quick["targets"])
