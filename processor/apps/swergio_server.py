@@ -283,21 +283,33 @@ class SwergioServer:
     def _dispatch(self, conn: Conn, body: bytes) -> bool:
         """Apply and route one message; False when the connection is to be closed."""
         obj = _loads(body)
-        if not isinstance(obj, dict):
-            self._drop(conn, "bad_json", "a body that is not a JSON object; dropped")
-            return True
-        if "TYPE" not in obj:
-            self._drop(conn, "no_type", "a message without TYPE; dropped")
+        problem = _problem(obj)
+        if problem is not None:
+            self._drop(conn, *problem)
             return True
         kind = obj["TYPE"]
-        to_room = obj.get("TO_ROOM")
-        to = obj.get("TO")
-        if ("TO_ROOM" in obj and not isinstance(to_room, str)) or \
-                ("TO" in obj and not isinstance(to, str)):
-            self._drop(conn, "bad_address", "a TO_ROOM or TO that is not a string; dropped")
-            return True
         if kind == "COMMAND/DISCONNECT":
             return False
+        verdict = self._command(conn, kind, obj)
+        if verdict is not None:
+            return verdict
+        if "SENT_BY" not in obj:
+            body = _with_sender(body, conn.name)
+        if len(str(len(body))) > self.cfg.header_length:  # SENT_BY grew it past the header
+            self._drop(conn, "too_large", "a message too large to frame with its SENT_BY")
+            return True
+        self._route(conn, body, obj.get("TO_ROOM"), obj.get("TO"))
+        if self.cfg.logging_room and isinstance(kind, str) and kind in LOGGED_TYPES:
+            record = _frame(b'{"ID": "%s", "TO_ROOM": "_logging", "TYPE": "LOG/MESSAGES", '
+                            b'"MESSAGE": %s}' % (uuid.uuid4().hex.encode(), body),
+                            self.cfg.header_length)
+            for other in self.rooms["_logging"]:
+                self._send(other, record)
+        return True
+
+    def _command(self, conn: Conn, kind: Any, obj: dict[str, Any]) -> bool | None:
+        """REGISTER, JOINROOM, LEAVEROOM applied; True/False ends the message's handling
+        (dropped / connection closed), None lets it be routed as the original does."""
         if kind == "COMMAND/REGISTER":
             name = obj.get("NAME")
             if not isinstance(name, str):
@@ -319,11 +331,10 @@ class SwergioServer:
                 conn.rooms.add(room)
             else:
                 self._part(conn, room)
-        if "SENT_BY" not in obj:
-            body = _with_sender(body, conn.name)
-        if len(str(len(body))) > self.cfg.header_length:  # SENT_BY grew it past the header
-            self._drop(conn, "too_large", "a message too large to frame with its SENT_BY")
-            return True
+        return None
+
+    def _route(self, conn: Conn, body: bytes, to_room: str | None, to: str | None) -> None:
+        """To the members of TO_ROOM and the clients named TO, never back to the sender."""
         data = _frame(body, self.cfg.header_length)
         send = self._send
         if to_room is not None:
@@ -338,13 +349,6 @@ class SwergioServer:
             for other in self.names.get(to, ()):
                 if other is not conn:
                     send(other, data)
-        if self.cfg.logging_room and isinstance(kind, str) and kind in LOGGED_TYPES:
-            record = _frame(b'{"ID": "%s", "TO_ROOM": "_logging", "TYPE": "LOG/MESSAGES", '
-                            b'"MESSAGE": %s}' % (uuid.uuid4().hex.encode(), body),
-                            self.cfg.header_length)
-            for other in self.rooms["_logging"]:
-                send(other, record)
-        return True
 
     def _send(self, c: Conn, data: bytes) -> None:
         t = c.transport
@@ -464,3 +468,15 @@ async def serve(cfg: ServerConfig, stop: threading.Event) -> int:
 def run_server(cfg: ServerConfig, stop: threading.Event) -> int:
     """The `swergio-server` command's body: `serve` in a new event loop."""
     return asyncio.run(serve(cfg, stop))
+
+
+def _problem(obj: Any) -> tuple[str, str] | None:
+    """Why a message cannot be routed (the reason counted, the warning), or None."""
+    if not isinstance(obj, dict):
+        return "bad_json", "a body that is not a JSON object; dropped"
+    if "TYPE" not in obj:
+        return "no_type", "a message without TYPE; dropped"
+    if ("TO_ROOM" in obj and not isinstance(obj["TO_ROOM"], str)) or \
+            ("TO" in obj and not isinstance(obj["TO"], str)):
+        return "bad_address", "a TO_ROOM or TO that is not a string; dropped"
+    return None
