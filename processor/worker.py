@@ -101,6 +101,17 @@ class Worker:
         self.metrics.reject(reason)
         self.rejects.reject(reason, detail, sender)
 
+    def _count(self, replaced: int, n_logits: int, n_evolution: int) -> None:
+        """The burst's counts, booked once for the burst."""
+        if replaced:
+            self.metrics.reject("duplicate", replaced)
+            self.rejects.reject("duplicate", "lockstep: a model sent again; its newer logits "
+                                "replace the older", None)
+        if n_logits:
+            self.metrics.receive(self.t_logits, n_logits)
+        if n_evolution:
+            self.metrics.receive(self.t_evolution, n_evolution)
+
     def _due(self) -> float:
         deadline = self.windows.next_deadline()
         return INF if deadline is None else deadline
@@ -159,20 +170,17 @@ class Worker:
                     await self._flush(pending)
                     pending = []
                     await self._command(request["CMD"], request)
-        if windows.replaced != replaced:
-            self.metrics.reject("duplicate", windows.replaced - replaced)
-            self.rejects.reject("duplicate", "lockstep: a model sent again; its newer logits "
-                                "replace the older", None)
-        if n_logits:
-            self.metrics.receive(self.t_logits, n_logits)
-        if n_evolution:
-            self.metrics.receive(self.t_evolution, n_evolution)
+        self._count(windows.replaced - replaced, n_logits, n_evolution)
         pending += windows.expire(self.clock())
+        await self._finish(pending, settled)
+
+    async def _finish(self, pending: list[Closed], settled: list[Any]) -> None:
+        """Actions of what closed; rejected messages settled; the open-window gauge."""
         await self._flush(pending)
         if settled:
             await self.transport.settle(settled)
-        if len(windows) != self._open_shown:
-            self._open_shown = len(windows)
+        if len(self.windows) != self._open_shown:
+            self._open_shown = len(self.windows)
             self.metrics.open_windows.set(self._open_shown)
 
     # -- output -------------------------------------------------------------------------
