@@ -19,7 +19,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any
 
@@ -546,6 +546,23 @@ def test_oversized_frames_are_discarded_unread_and_the_sender_stays():
     assert "too_large 2" in summary(out)
 
 
+def _started(fn: Callable[[], None]) -> threading.Thread:
+    t = threading.Thread(target=fn, daemon=True)
+    t.start()
+    return t
+
+
+def _readable_until_cut(sock: socket.socket) -> int:
+    """Bytes a socket still delivers before its end (EOF or reset)."""
+    received = 0
+    try:
+        while chunk := sock.recv(1 << 16):
+            received += len(chunk)
+    except ConnectionResetError:
+        pass
+    return received
+
+
 @pytest.mark.timeout(90)
 def test_a_client_that_stops_reading_stalls_no_one_and_is_disconnected():
     """48 MiB pass through a room whose other member reads nothing, while two clients make
@@ -592,9 +609,7 @@ def test_a_client_that_stops_reading_stalls_no_one_and_is_disconnected():
             except BaseException as e:  # noqa: BLE001 - reported below
                 errors.append(e)
 
-        threads = [threading.Thread(target=f, daemon=True) for f in (read_flood, round_trips)]
-        for t in threads:
-            t.start()
+        threads = [_started(f) for f in (read_flood, round_trips)]
         body = frame(data("flood", SENT_BY="flooder", PAD="f" * size))
         for sent in range(frames):
             wait_for(lambda: read[0] >= sent - ahead or errors, 20,  # noqa: B023
@@ -607,13 +622,7 @@ def test_a_client_that_stops_reading_stalls_no_one_and_is_disconnected():
         grown = server.rss_peak_kib() - before
         assert grown < 24 * 1024, f"peak memory grew by {grown} KiB while 48 MiB passed"
         # The stopped reader was cut off: what it can still read ends early.
-        received = 0
-        try:
-            while chunk := stopped.sock.recv(1 << 16):
-                received += len(chunk)
-        except ConnectionResetError:
-            pass
-        assert received < frames * size // 4
+        assert _readable_until_cut(stopped.sock) < frames * size // 4
         for c in (obs, stopped, healthy, flooder, pong):
             c.close()
         ping.close()
