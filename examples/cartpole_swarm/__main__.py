@@ -13,6 +13,7 @@ cleanly.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import signal
 import sys
@@ -70,6 +71,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="steps left out of the warm steps/s figure (default 50)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--summary", type=Path, help="write the run's figures here as JSON")
+    p.add_argument("--logs", type=Path,
+                   help="keep each process's output and the config in this folder (default: "
+                        "a temporary one, removed at the end)")
     p.add_argument("--quiet", action="store_true",
                    help="no progress lines: the start line and the final lines only")
     args = p.parse_args(argv)
@@ -201,8 +205,11 @@ def report(args: argparse.Namespace, res: Result, runner: Runner, started: float
     reward = f"{s['reward_last']:.1f}" if s["reward_last"] is not None else "-"
     print(f"episodes: {s['episodes']}, mean reward of the last {REWARD_WINDOW}: {reward}")
     if cpu:
-        parts = ", ".join(f"{k} {v:.2f}" for k, v in sorted(cpu.items(), key=lambda kv: -kv[1])
-                          if k != "total")
+        # A fixed order (the transport's process between the worker and the launcher),
+        # so that runs compare line by line.
+        rank = {"models": 0, "worker": 1, "launcher": 3}
+        parts = ", ".join(f"{k} {cpu[k]:.2f}" for k in sorted(
+            (k for k in cpu if k != "total"), key=lambda k: (rank.get(k, 2), k)))
         print(f"CPU per step: {cpu['total']:.2f} ms over all processes ({parts})")
     print(f"every step answered: {res.answered} of {res.steps} actions, {res.partial} "
           f"partial; evolution rounds: {s['rounds']} ({s['copies']} copies)")
@@ -216,12 +223,34 @@ def report(args: argparse.Namespace, res: Result, runner: Runner, started: float
     return s
 
 
+def problems(s: dict[str, Any], models: list[str]) -> list[str]:
+    """What makes a run a failure: steps not answered, a model that did not report at its
+    end, a process that did not exit 0."""
+    out = []
+    if s["answered"] != s["steps"]:
+        out.append(f"{s['steps'] - s['answered']} steps not answered")
+    silent = sorted(set(models) - set(s["models_done"]))
+    if silent:
+        out.append(f"no report (BYE) from {', '.join(silent)}")
+    bad = {k: v for k, v in s["exits"].items() if v != 0}
+    if bad:
+        out.append(f"exit codes {bad}")
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     stop = threading.Event()
-    with tempfile.TemporaryDirectory(prefix="cartpole-swarm-") as tmp, ctrl_c(stop):
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(ctrl_c(stop))
+        if args.logs:
+            args.logs.mkdir(parents=True, exist_ok=True)
+            folder = args.logs
+        else:
+            folder = Path(stack.enter_context(tempfile.TemporaryDirectory(
+                prefix="cartpole-swarm-")))
         try:
-            s = run(args, Path(tmp), stop)
+            s = run(args, folder, stop)
         except (RunError, TimeoutError, RuntimeError) as e:
             print(f"cartpole swarm: {e}", file=sys.stderr)
             return 1
@@ -230,9 +259,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 130
     if args.summary:
         args.summary.write_text(json.dumps(s, indent=2) + "\n")
-    ok = (s["answered"] == s["steps"] and not any(s["exits"].values())
-          and len(s["models_done"]) == args.models)
-    return 0 if ok else 1
+    failed = problems(s, model_ids(args.models))
+    if failed:
+        print(f"cartpole swarm: failed: {'; '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -210,7 +210,7 @@ class Runner:
                  f"({100 * r.contribution.get(worst, 0.0) / total:.1f}%); "
                  f"{', '.join(what) or 'nothing to do'} ({1000 * r.seconds:.0f} ms)")
 
-    def finish(self, timeout: float = 10.0) -> dict[str, float]:
+    def finish(self, timeout: float = 30.0) -> dict[str, float]:
         """STOP to the models, the last GET (the steps since the last round), and each
         model's account of itself (BYE)."""
         self.swarm.publish(OBSERVATION, {"STOP": True})

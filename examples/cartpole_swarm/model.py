@@ -18,11 +18,17 @@ On `weights`: asked to (`CMD: COPY` naming it SOURCE), it sends its policy's wei
 the model TARGET; named TARGET, it loads the weights it is sent (plus Gaussian noise of
 std NOISE: a mutation), drops the transitions it gathered with its old weights, and says
 LOADED on `control`, once per round whatever reaches it twice.
+
+On ZeroMQ it uses the client library's sync Swarm (blocking sockets, read in this thread);
+on swergio and NATS the async one (their connections live on an asyncio loop, which the
+sync Swarm would run in a thread of its own, with a hand-over for every message).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -149,51 +155,132 @@ class Learner:
         self.buffer.reset()
 
 
-def serve(swarm: Any, model_id: str, learner: Learner, envs: int) -> dict[str, Any]:
-    """Answer observations until STOP; returns what this model did."""
-    observations = swarm.subscribe(OBSERVATION)
-    weights = swarm.subscribe(WEIGHTS)
-    model = swarm.model(model_id)
-    swarm.ready(timeout=60.0)  # the worker answers: logits sent from now on reach it
-    done: dict[str, Any] = {"MODEL": model_id, "STEPS": 0, "UPDATES": 0, "SENT_WEIGHTS": 0,
-                            "LOADED": 0, "ROUNDS": []}
-    while True:
-        swarm.pump(1.0)
-        for msg in weights.drain():
-            handle_weights(swarm, model_id, learner, msg, done)
-        for msg in observations.drain():
-            if not isinstance(msg, dict):
-                continue
-            if msg.get("STOP"):
-                return done
-            if "HELLO" in msg:
-                swarm.publish(CONTROL, {"HELLO": msg["HELLO"], "MODEL": model_id})
-                continue
-            obs = np.asarray(msg["OBSERVATION"], dtype=np.float32).reshape(envs, OBS_DIM)
-            logits, values = learner.act(obs)
-            model.send(logits[0] if envs == 1 else logits, msg,
-                       deterministic=bool(msg.get("DETERMINISTIC", False)))
-            learner.book(msg, obs, values, logits)
-            done["STEPS"] += 1
-        done["UPDATES"] = learner.updates
+Outgoing = tuple[str, Any]  # (topic, body) to publish, or (LOGITS, (logits, key, det))
+LOGITS = "logits"
+STOP = ("stop", None)
 
 
-def handle_weights(swarm: Any, model_id: str, learner: Learner, msg: Any,
-                   done: dict[str, Any]) -> None:
-    if not isinstance(msg, dict):
-        return
-    if msg.get("CMD") == "COPY" and msg.get("SOURCE") == model_id:
-        swarm.publish(WEIGHTS, {"WEIGHTS": learner.weights(), "SOURCE": model_id,
-                                "TARGET": msg.get("TARGET"), "ROUND": msg.get("ROUND"),
-                                "NOISE": msg.get("NOISE", 0.0)})
-        done["SENT_WEIGHTS"] += 1
-    elif "WEIGHTS" in msg and msg.get("TARGET") == model_id \
-            and msg.get("ROUND") not in done["ROUNDS"]:
-        done["ROUNDS"].append(msg.get("ROUND"))
-        learner.load(msg["WEIGHTS"], float(msg.get("NOISE") or 0.0))
-        done["LOADED"] += 1
-        swarm.publish(CONTROL, {"LOADED": msg.get("ROUND"), "MODEL": model_id,
-                                "SOURCE": msg.get("SOURCE")})
+class Peer:
+    """What the model does with each message, whichever client carries them: the sync
+    loop (`serve`) or the async one (`serve_async`) sends what it returns."""
+
+    def __init__(self, model_id: str, learner: Learner, envs: int) -> None:
+        self.id = model_id
+        self.learner = learner
+        self.envs = envs
+        self.pending: tuple[dict[str, Any], np.ndarray, Any, np.ndarray] | None = None
+        self.done: dict[str, Any] = {"MODEL": model_id, "STEPS": 0, "UPDATES": 0,
+                                     "SENT_WEIGHTS": 0, "LOADED": 0, "ROUNDS": []}
+
+    def observation(self, msg: Any) -> Outgoing | None:
+        """The answer to a message on `observation`: logits, a HELLO back, or STOP."""
+        if not isinstance(msg, dict):
+            return None
+        if msg.get("STOP"):
+            return STOP
+        if "HELLO" in msg:
+            return CONTROL, {"HELLO": msg["HELLO"], "MODEL": self.id}
+        obs = np.asarray(msg["OBSERVATION"], dtype=np.float32).reshape(self.envs, OBS_DIM)
+        logits, values = self.learner.act(obs)
+        self.pending = (msg, obs, values, logits)
+        return LOGITS, (logits[0] if self.envs == 1 else logits, msg,
+                        bool(msg.get("DETERMINISTIC", False)))
+
+    def sent(self) -> None:
+        """The logits are out: book the step (and train when the rollout is full)."""
+        if self.pending is not None:
+            self.learner.book(*self.pending)
+            self.pending = None
+            self.done["STEPS"] += 1
+            self.done["UPDATES"] = self.learner.updates
+
+    def weights(self, msg: Any) -> Outgoing | None:
+        """Asked for its weights: them; sent weights: loaded, and LOADED back."""
+        if not isinstance(msg, dict):
+            return None
+        if msg.get("CMD") == "COPY" and msg.get("SOURCE") == self.id:
+            self.done["SENT_WEIGHTS"] += 1
+            return WEIGHTS, {"WEIGHTS": self.learner.weights(), "SOURCE": self.id,
+                             "TARGET": msg.get("TARGET"), "ROUND": msg.get("ROUND"),
+                             "NOISE": msg.get("NOISE", 0.0)}
+        if "WEIGHTS" in msg and msg.get("TARGET") == self.id \
+                and msg.get("ROUND") not in self.done["ROUNDS"]:
+            self.done["ROUNDS"].append(msg.get("ROUND"))
+            self.learner.load(msg["WEIGHTS"], float(msg.get("NOISE") or 0.0))
+            self.done["LOADED"] += 1
+            return CONTROL, {"LOADED": msg.get("ROUND"), "MODEL": self.id,
+                             "SOURCE": msg.get("SOURCE")}
+        return None
+
+
+def serve(config: str, peer: Peer) -> None:
+    """The sync client (ZeroMQ: blocking sockets read in this thread, nothing in between)."""
+    from processor.client import connect
+
+    with connect(config, name=peer.id) as swarm:
+        observations = swarm.subscribe(OBSERVATION)
+        weights = swarm.subscribe(WEIGHTS)
+        model = swarm.model(peer.id)
+        swarm.ready(timeout=60.0)  # the worker answers: logits sent from now on reach it
+        while True:
+            swarm.pump(1.0)
+            for msg in weights.drain():
+                if (out := peer.weights(msg)) is not None:
+                    swarm.publish(*out)
+            for msg in observations.drain():
+                out = peer.observation(msg)
+                if out is STOP:
+                    swarm.publish(CONTROL, {"BYE": peer.id, **peer.done})
+                    return
+                if out is None:
+                    continue
+                if out[0] == LOGITS:
+                    logits, key, det = out[1]
+                    model.send(logits, key, deterministic=det)
+                    peer.sent()
+                else:
+                    swarm.publish(*out)
+
+
+async def serve_async(config: str, peer: Peer) -> None:
+    """The async client (swergio and NATS: their connections are asyncio's, and the sync
+    client would hand every call to a loop thread and back).
+
+    A task takes `weights` messages while the main loop takes observations, so a copy is
+    loaded while the environment waits for it, between two steps; an update (a few
+    milliseconds of torch) holds the loop, and what arrives meanwhile waits in the socket."""
+    from processor.client import connect_async
+
+    async with connect_async(config, name=peer.id) as swarm:
+        observations = await swarm.subscribe(OBSERVATION)
+        weights = await swarm.subscribe(WEIGHTS)
+        model = swarm.model(peer.id)
+        await swarm.ready(timeout=60.0)
+
+        async def take_weights() -> None:
+            async for msg in weights:
+                if (out := peer.weights(msg)) is not None:
+                    await swarm.publish(*out)
+
+        weights_task = asyncio.create_task(take_weights())
+        try:
+            async for msg in observations:
+                out = peer.observation(msg)
+                if out is STOP:
+                    break
+                if out is None:
+                    continue
+                if out[0] == LOGITS:
+                    logits, key, det = out[1]
+                    await model.send(logits, key, deterministic=det)
+                    peer.sent()
+                else:
+                    await swarm.publish(*out)
+        finally:
+            weights_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await weights_task
+        await swarm.publish(CONTROL, {"BYE": peer.id, **peer.done})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -211,14 +298,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     torch.set_num_threads(1)  # M processes share the cores: one thread each
 
-    from processor.client import connect
+    from processor.config import load
 
     learner = Learner(make_algorithm(args.algo, args.envs, args.train_every, args.seed),
                       args.envs, args.seed)
-    with connect(args.config, name=args.id) as swarm:
-        done = serve(swarm, args.id, learner, args.envs)
-        done["UPDATES"] = learner.updates
-        swarm.publish(CONTROL, {"BYE": args.id, **done})
+    peer = Peer(args.id, learner, args.envs)
+    if load(args.config).transport.kind == "zmq":
+        serve(args.config, peer)
+    else:
+        asyncio.run(serve_async(args.config, peer))
     return 0
 
 
