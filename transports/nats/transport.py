@@ -7,6 +7,7 @@ import collections
 import contextlib
 import logging
 import os
+import re
 import socket
 import time
 from types import TracebackType
@@ -44,8 +45,34 @@ PULL_HEARTBEAT_S = 1.0   # ... and says it is alive this often while idle
 LEADERLESS_RETRY_S = 0.2
 # ... and only after this long without a leader is the consumer thought gone and made again.
 LEADERLESS_SETUP_S = 20.0
+_SPACE = re.compile(r"\s")
 RESEND_MAX_S = 0.25      # the longest pause between two sends of an action not yet stored
 LOG_EVERY_S = 5.0        # at most one line per kind of trouble in this interval
+
+
+class _Client(Client):
+    """nats-py's client with a cheaper header parser (every delivery has headers).
+
+    The same result as nats-py's own (`Name: Value` lines; a name that is not ASCII or holds
+    whitespace is skipped; values decoded as UTF-8 with replacement), without its
+    character-by-character test of each name, which cost the worker more CPU per step than
+    all its acknowledgements.
+    """
+
+    @staticmethod
+    def _parse_header_lines(raw: bytes) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for line in raw.split(b"\r\n"):
+            name, sep, value = line.partition(b":")
+            if not sep:
+                continue
+            try:
+                key = name.strip().decode("ascii")
+            except UnicodeDecodeError:
+                continue
+            if _SPACE.search(key) is None:
+                out[key] = value.strip().decode("utf-8", "replace")
+        return out
 
 
 class _Held:
@@ -144,7 +171,7 @@ class NatsTransport:
             no_echo=True,  # its own evolution replies need not come back
             error_cb=self._on_error, disconnected_cb=self._on_disconnected,
             reconnected_cb=self._on_reconnected, closed_cb=self._on_closed)
-        nc = Client()
+        nc = _Client()
         # nats-py retries a refused login like a missing server, until connect_wait_s; the
         # server's own answer (error_cb) ends the start at once and says what happened.
         self._refused = asyncio.get_running_loop().create_future()
@@ -615,6 +642,7 @@ class NatsTransport:
 
     async def _ack(self, tokens: list[Any]) -> None:
         held = self._held
+        msgs: list[Msg] = []
         for t in tokens:
             seq = t.seq
             if t.released:
@@ -622,10 +650,34 @@ class NatsTransport:
                 continue
             if held.get(seq) is t:
                 del held[seq]
+            msgs.append(t.msg)
+        if msgs:
             try:
-                await t.msg.ack()
+                await self._send_acks(msgs)
             except Exception as e:  # redelivered later; then late or a duplicate
                 self._trouble("ack", "ack not sent (%r)", e)
+
+    async def _send_acks(self, msgs: list[Msg]) -> None:
+        """Acknowledge (explicitly, one ack each) a burst's messages in one write.
+
+        The same bytes as `msg.ack()` for each (an empty PUB to its reply subject), but
+        queued on the connection at once and flushed once: one publish per message cost the
+        worker more CPU than the rest of the NATS path. Falls back to `msg.ack()` where the
+        client has not these internals.
+        """
+        nc = self._nc
+        send = getattr(nc, "_send_command", None)
+        flush = getattr(nc, "_flush_pending", None)
+        if nc is None or send is None or flush is None or not nc.is_connected:
+            for m in msgs:
+                await m.ack()
+            return
+        await send(b"".join([b"PUB " + m.reply.encode() + b" 0\r\n\r\n" for m in msgs]))
+        for m in msgs:
+            m._ackd = True
+        queue = getattr(nc, "_flush_queue", None)
+        if queue is None or queue.empty():  # else a flush is on its way already
+            await flush()
 
     async def _dead_letter(self, msg: Msg, seq: int, delivered: int) -> None:
         n = self.cfg
