@@ -33,7 +33,7 @@ bench: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check processor transports tests bench examples
-	$(BIN)/mypy processor transports
+	$(BIN)/mypy --strict processor transports
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
