@@ -25,10 +25,8 @@ def _row(name: str, goal: str, at_most: float | None, at_least: float | None,
     return {"target": name, "goal": goal, "figure": figure, "unit": unit, "met": ok}
 
 
-def targets(sections: dict[str, Any]) -> list[dict[str, Any]]:
-    """The targets found in these sections (a section that did not run adds none)."""
-    out: list[dict[str, Any]] = []
-    lock = sections.get("zmq_lockstep", {})
+def _lockstep(lock: dict[str, Any]) -> list[dict[str, Any]]:
+    out = []
     for row in lock.get("rows", []):
         a, enc = row["actions"], row["encoding"]
         out.append(_row(f"lockstep p50 / ZeroMQ ping-pong, A = {a}, {enc}", "<= 1.6x", 1.6,
@@ -43,11 +41,17 @@ def targets(sections: dict[str, Any]) -> list[dict[str, Any]]:
             if "before" in row:
                 out.append(_row("  before (--before)", "", None, None,
                                 row["before"].get("p99_us"), unit=" µs"))
-    pipe = sections.get("zmq_pipelined", {})
+    return out
+
+
+def _pipelined(pipe: dict[str, Any]) -> list[dict[str, Any]]:
+    out = []
     for row in pipe.get("rows", []):
         a, enc = row["actions"], row["encoding"]
-        out.append(_row(f"pipelined msgs/s / its bare receiver, A = {a}, {enc}", ">= 0.65x",
-                        None, 0.65, _spread(row["worker"].get("ratio_runs", []))))
+        # The issue's goals: JSON at A = 18 (from 0.50x), binary at A = 18 and 1000.
+        goal = (">= 0.65x", 0.65) if enc == "binary" or a == 18 else ("", None)
+        out.append(_row(f"pipelined msgs/s / its bare receiver, A = {a}, {enc}", goal[0],
+                        None, goal[1], _spread(row["worker"].get("ratio_runs", []))))
         if "before" in row:
             out.append(_row(f"  before (--before), A = {a}, {enc}", "", None, None,
                             _spread(row["before"].get("ratio_runs", []))))
@@ -58,20 +62,31 @@ def targets(sections: dict[str, Any]) -> list[dict[str, Any]]:
             if "before" in row:
                 out.append(_row(f"  before (--before), A = {a}", "", None, None,
                                 _spread(row["before"].get("binary_over_json_runs", []))))
-    for row in sections.get("cost", {}).get("rows", []):
+    return out
+
+
+def _cost(cost: dict[str, Any]) -> list[dict[str, Any]]:
+    out = []
+    for row in cost.get("rows", []):
         for k in ("worker", "before"):
             if k not in row:
                 continue
             i = row[k]["instructions"]
             label = "" if k == "worker" else "  before: "
+            case = f"M = {row['models']}, A = {row['actions']}, {row['encoding']}"
             if i:
-                out.append(_row(f"{label}instructions per window, M = {row['models']}, "
-                                f"A = {row['actions']}, {row['encoding']}", "", None, None,
+                out.append(_row(f"{label}instructions per window, {case}", "", None, None,
                                 stat([i["worker"]]), unit=""))
-            out.append(_row(f"{label}CPU per window, M = {row['models']}, "
-                            f"A = {row['actions']}, {row['encoding']}", "", None, None,
+            out.append(_row(f"{label}CPU per window, {case}", "", None, None,
                             row[k]["cpu_us_per_window"], unit=" µs"))
     return out
+
+
+def targets(sections: dict[str, Any]) -> list[dict[str, Any]]:
+    """The targets found in these sections (a section that did not run adds none)."""
+    return (_lockstep(sections.get("zmq_lockstep", {}))
+            + _pipelined(sections.get("zmq_pipelined", {}))
+            + _cost(sections.get("cost", {})))
 
 
 def _fig(f: dict[str, Any] | None, unit: str) -> str:

@@ -47,19 +47,21 @@ F32_MAX = float(np.finfo(np.float32).max)
 SMALL_ROW = 256  # longer rows are checked in numpy, where that is cheaper than in Python
 
 
-def _has_bool(values: list[Any]) -> bool:
-    """Whether JSON's true or false is among the values (numpy and min/max take them as
-    1 and 0; they are no logits)."""
-    return any(v.__class__ is bool for v in values)
+def _bool_among(raw: list[Any], arr: np.ndarray) -> bool:
+    """Whether JSON's true or false is among LOGITS `raw`, converted to `arr` (B, A) (numpy
+    takes them as 1 and 0; they are no logits). Only a value that became 0 or 1 can have
+    been one, so only those few are looked at, not every value."""
+    candidates = np.flatnonzero((arr == 0) | (arr == 1))
+    if not candidates.size:
+        return False
+    a = arr.shape[1]
+    nested = raw[0].__class__ is list
+    return any((raw[k // a][k % a] if nested else raw[k]).__class__ is bool
+               for k in candidates.tolist())
 
 
 def _convert_rows(raw: list[Any], sender: str, max_actions: int, max_batch: int) -> np.ndarray:
     """LOGITS as float32 (B, A): the general path (batches, long rows)."""
-    rows = raw if raw[0].__class__ is list else [raw]
-    for row in rows:
-        if row.__class__ is list and (True in row or False in row) and _has_bool(row):
-            raise DecodeError("bad_logits", "LOGITS must hold numbers, not true or false",
-                              sender)
     try:
         with np.errstate(over="ignore", invalid="ignore"):  # past float32: inf, saturated below
             arr = np.array(raw, dtype=np.float32)
@@ -72,6 +74,8 @@ def _convert_rows(raw: list[Any], sender: str, max_actions: int, max_batch: int)
         raise DecodeError("bad_logits", f"LOGITS has {arr.ndim} levels; 1 or 2 allowed", sender)
     if arr.shape[1] == 0:
         raise DecodeError("bad_logits", "empty rows", sender)
+    if _bool_among(raw, arr):
+        raise DecodeError("bad_logits", "LOGITS must hold numbers, not true or false", sender)
     return _checked(arr, sender, max_actions, max_batch, from_json=True)
 
 
@@ -189,7 +193,7 @@ def _short_row(raw: list[Any], sender: str, max_actions: int) -> np.ndarray:
         in_range = -F32_MAX <= min(raw) and max(raw) <= F32_MAX
     except TypeError:
         raise DecodeError("bad_logits", "LOGITS must hold numbers", sender) from None
-    if (True in raw or False in raw) and _has_bool(raw):  # (1.0 == True: look closer)
+    if bool in map(type, raw):  # (by type: 1.0 == True)
         raise DecodeError("bad_logits", "LOGITS must hold numbers, not true or false", sender)
     if not in_range:  # finite (JSON has no infinity), past float32: saturate
         raw = [min(max(v, -F32_MAX), F32_MAX) for v in raw]
