@@ -38,7 +38,7 @@ import zmq
 
 from .common import ROOT, BenchError, Plan, cpu_seconds, stat
 from .zmq_bench import Peer, peer
-from .zmq_wire import BINARY, JSON, keyed_frames
+from .zmq_wire import BINARY, JSON, _window_sender, keyed_frames
 
 WORKLOAD = ROOT / "bench" / "cost_workload.py"
 
@@ -98,17 +98,8 @@ def instructions(root: Path, models: int, actions: int, encoding: str, windows: 
 def cpu_per_window(p: Peer, rows: list[list[tuple[bytes, tuple[bytes, ...]]]],
                    inflight: int, windows: int) -> float:
     """The peer's CPU seconds per window over exactly `windows` keyed windows."""
-    send, recv = p.link.pub.send_multipart, p.link.sub.recv_multipart
-    binary = bool(rows[0][0][1])
-    pool = len(rows)
-
-    def window(n: int) -> None:
-        for prefix, tail in rows[n % pool]:
-            if binary:
-                send((b"logits", prefix + b"%d}" % n, tail[0]))
-            else:
-                send((b"logits", prefix + b"%d}" % n))
-
+    recv = p.link.sub.recv_multipart
+    window = _window_sender(p.link.pub.send_multipart, rows)
     before = cpu_seconds(p.child.pid)
     sent = received = 0
     gc.disable()

@@ -115,14 +115,27 @@ def run_lockstep(p: Peer, rows: list[list[Frames]], steps: int, warmup: int,
     return meter.stop(run), spans
 
 
+def _window_sender(send: Any, rows: list[list[tuple[bytes, Frames]]]) -> Any:
+    """`send_window(n)`: window n's M messages, its STEP filled in, JSON or binary."""
+    pool = len(rows)
+    if rows[0][0][1]:
+        def window(n: int) -> None:
+            for prefix, (values,) in rows[n % pool]:
+                send((b"logits", prefix + b"%d}" % n, values))
+    else:
+        def window(n: int) -> None:
+            for prefix, _ in rows[n % pool]:
+                send((b"logits", prefix + b"%d}" % n))
+    return window
+
+
 def run_pipelined(p: Peer, rows: list[list[tuple[bytes, Frames]]], inflight: int,
                   windows: int, warmup: int, max_s: float) -> Run:
     """K keyed windows outstanding; the rate while the pipe is full, and any loss."""
-    send, sub = p.link.pub.send_multipart, p.link.sub
+    sub = p.link.sub
     recv = sub.recv_multipart
     loads = orjson.loads
-    pool = len(rows)
-    models = len(rows[0])
+    window = _window_sender(p.link.pub.send_multipart, rows)
     clock = time.perf_counter_ns
     sent_at: dict[int, int] = {}
     latencies: list[int] = []
@@ -133,20 +146,12 @@ def run_pipelined(p: Peer, rows: list[list[tuple[bytes, Frames]]], inflight: int
     nxt = received = duplicates = done = 0
     start = end = 0
     sending = True
-    if rows[0][0][1]:
-        def window(row: list[tuple[bytes, Frames]], n: int) -> None:
-            for prefix, (values,) in row:
-                send((b"logits", prefix + b"%d}" % n, values))
-    else:
-        def window(row: list[tuple[bytes, Frames]], n: int) -> None:
-            for prefix, _ in row:
-                send((b"logits", prefix + b"%d}" % n))
     gc.disable()
     try:
-        while nxt < inflight:
-            window(rows[nxt % pool], nxt)
+        for nxt in range(inflight):
+            window(nxt)
             sent_at[nxt] = clock()
-            nxt += 1
+        nxt = inflight
         while sent_at:
             try:
                 topic, body = recv()
@@ -166,21 +171,20 @@ def run_pipelined(p: Peer, rows: list[list[tuple[bytes, Frames]]], inflight: int
                 start = now
             elif received > warmup and sending:
                 latencies.append(now - t)
-            if sending:
-                if received >= total or (start and now - start > max_ns):
-                    sending = False
-                    end = now
-                    done = received - warmup
-                    continue
-                window(rows[nxt % pool], nxt)
-                sent_at[nxt] = clock()
-                nxt += 1
+            if not sending:
+                continue
+            if received >= total or (start and now - start > max_ns):
+                sending, end, done = False, now, received - warmup
+                continue
+            window(nxt)
+            sent_at[nxt] = clock()
+            nxt += 1
     finally:
         gc.enable()
     if sending:
         raise BenchError(f"{p.child.name}: the pipeline stalled after {received} windows "
                          f"({len(sent_at)} outstanding lost)")
-    run = Run(done, (end - start) / 1e9, done * models, latencies, lost=len(sent_at),
+    run = Run(done, (end - start) / 1e9, done * len(rows[0]), latencies, lost=len(sent_at),
               duplicates=duplicates)
     return meter.stop(run)
 

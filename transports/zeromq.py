@@ -171,7 +171,6 @@ class ZmqTransport:
         out: list[Envelope] = []
         recv = sub.recv
         topics = self.topics
-        logits = self.logits_topic
         max_bytes = self.max_bytes
         now = time.monotonic()
         while len(out) < BURST:
@@ -179,43 +178,48 @@ class ZmqTransport:
                 first = recv(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 break
-            if not first.more:
-                topic = topics.get(first.bytes)
-                if topic is not None:
-                    self.on_reject("bad_frame", f"1 frame on topic {topic!r}")
+            frame = recv(zmq.NOBLOCK, copy=False) if first.more else None
+            if frame is None or frame.more:
+                binary = self._other(recv, first, frame)
+                if binary is not None:
+                    out.append((self.logits_topic, binary, now, None))
                 continue
-            frame = recv(zmq.NOBLOCK, copy=False)
+            # [topic, JSON]: the common case
             topic = topics.get(first.bytes)
-            if not frame.more:
-                if topic is None:
-                    continue  # another topic that merely starts with ours (prefix match)
-                body = frame.bytes
-                if len(body) > max_bytes:
-                    self.on_reject("too_large", f"{len(body)} bytes > {max_bytes}")
-                    continue
-                out.append((topic, body, now, None))
-                continue
-            values = recv(zmq.NOBLOCK, copy=False)
-            if values.more:
-                n = 3
-                while recv(zmq.NOBLOCK, copy=False).more:
-                    n += 1
-                if topic is not None:
-                    self.on_reject("bad_frame", f"{n + 1} frames on topic {topic!r}")
-                continue
             if topic is None:
+                continue  # another topic that merely starts with ours (prefix match)
+            body = frame.bytes
+            if len(body) > max_bytes:
+                self.on_reject("too_large", f"{len(body)} bytes > {max_bytes}")
                 continue
-            if topic is not logits:
-                self.on_reject("bad_frame", f"3 frames on topic {topic!r}")
-                continue
-            # binary logits: [topic, JSON without LOGITS, float32 little-endian values]
-            meta, data = frame.bytes, values.bytes
-            size = len(meta) + len(data)
-            if size > max_bytes:
-                self.on_reject("too_large", f"{size} bytes > {max_bytes}")
-                continue
-            out.append((topic, (meta, data), now, None))
+            out.append((topic, body, now, None))
         return out
+
+    def _other(self, recv: Any, first: zmq.Frame, frame: zmq.Frame | None
+               ) -> tuple[bytes, bytes] | None:
+        """The rest of a message of one frame or of three and more: binary logits,
+        `[topic, JSON without LOGITS, float32 little-endian values]`, or refused."""
+        topic = self.topics.get(first.bytes)
+        if frame is None:
+            if topic is not None:
+                self.on_reject("bad_frame", f"1 frame on topic {topic!r}")
+            return None
+        values = last = recv(zmq.NOBLOCK, copy=False)
+        n = 3
+        while last.more:
+            last = recv(zmq.NOBLOCK, copy=False)
+            n += 1
+        if topic is None:
+            return None
+        if n > 3 or topic is not self.logits_topic:
+            self.on_reject("bad_frame", f"{n} frames on topic {topic!r}")
+            return None
+        meta, data = frame.bytes, values.bytes
+        size = len(meta) + len(data)
+        if size > self.max_bytes:
+            self.on_reject("too_large", f"{size} bytes > {self.max_bytes}")
+            return None
+        return meta, data
 
     async def publish(self, topic: str, payload: bytes, dedup: str | None = None) -> bool:
         assert self._pub is not None, "use 'async with transport'"
