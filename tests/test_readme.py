@@ -77,6 +77,10 @@ COVERAGE: dict[str, str] = {
     "client-models": "saved as models.py; run while the environment waits; exits 0",
     "client-evolution": "saved as evolution.py; run after the step; prints exactly what its "
                         "comments show",
+    "cartpole": "each line runs as written, from the clone (venv up to date): every run "
+                "answers every step, none PARTIAL; the second runs on NATS, the third "
+                "steps 16 environments at a time",
+    "cartpole-output": "every line, numbers aside, is printed by `make cartpole`, in order",
     "nats-diagram": "a figure: the stream names in it are the config's defaults",
     "nats-rm-stream": "run after the workers stopped: SWARM_LOGITS is gone, SWARM_ACTIONS "
                       "is kept (`swarm-aggregator nats status`)",
@@ -571,6 +575,26 @@ def test_development_targets_run_what_they_say(sh):
         dry = sh.ok(f"make -n {target}", cwd=ROOT)
         for tool in tools:
             assert tool in dry, (target, tool, dry)
+
+
+# -- the CartPole example -----------------------------------------------------------------------
+
+
+@pytest.mark.timeout(360)
+def test_cartpole_example_runs_as_written(sh):
+    stale = sh.run("make -q .venv/.installed", cwd=ROOT)
+    if stale.returncode != 0:
+        pytest.fail("the virtualenv is older than pyproject.toml or the Makefile: "
+                    "run `make install`, then this test")
+    lines = [x.split("#")[0].strip() for x in block("cartpole").splitlines() if x.strip()]
+    assert lines[0] == "make cartpole"
+    outputs = [sh.ok(line, cwd=ROOT, timeout=240) for line in lines]
+    assert_shows(block("cartpole-output"), outputs[0])
+    for line, out in zip(lines, outputs):
+        m = re.search(r"every step answered: (\d+) of (\d+) actions, 0 partial", out)
+        assert m and m.group(1) == m.group(2), f"{line}:\n{out[-3000:]}"
+    assert "transport: NATS JetStream" in outputs[1]
+    assert "16 CartPole-v1 environments per step" in outputs[2]
 
 
 # -- recipes ----------------------------------------------------------------------------------

@@ -34,11 +34,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import torch
 
 from .common import ALGOS, CONTROL, OBSERVATION, WEIGHTS
 
 OBS_DIM = 4   # CartPole: cart position and speed, pole angle and angular speed
-ACTIONS = 2   # push left, push right
 
 
 def make_algorithm(algo: str, envs: int, train_every: int, seed: int) -> Any:
@@ -67,7 +67,8 @@ def make_algorithm(algo: str, envs: int, train_every: int, seed: int) -> Any:
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
     z = x - x.max(axis=-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+    out: np.ndarray = z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+    return out
 
 
 class Learner:
@@ -75,9 +76,6 @@ class Learner:
     the transition that the next observation completes and trains when the buffer is full."""
 
     def __init__(self, algorithm: Any, envs: int, seed: int) -> None:
-        import torch
-
-        self.torch = torch
         self.algo = algorithm
         self.policy = algorithm.policy
         self.buffer = algorithm.rollout_buffer
@@ -90,20 +88,21 @@ class Learner:
         self.updates = 0
 
     def _latent(self, obs: np.ndarray) -> tuple[Any, Any]:
-        features = self.policy.extract_features(self.torch.as_tensor(obs))
+        features = self.policy.extract_features(torch.as_tensor(obs))
         return self.policy.mlp_extractor(features)  # type: ignore[no-any-return]
 
     def act(self, obs: np.ndarray) -> tuple[np.ndarray, Any]:
         """Logits (B, 2) and values (B,) of B observations, by the policy's own layers."""
-        with self.torch.no_grad():
+        with torch.no_grad():
             latent_pi, latent_vf = self._latent(obs)
             logits = self.policy.action_net(latent_pi)
             values = self.policy.value_net(latent_vf).flatten()
         return logits.numpy(), values
 
     def value(self, obs: np.ndarray) -> np.ndarray:
-        with self.torch.no_grad():
-            return self.policy.predict_values(self.torch.as_tensor(obs)).flatten().numpy()
+        with torch.no_grad():
+            values: np.ndarray = self.policy.predict_values(torch.as_tensor(obs)).numpy()
+        return values.ravel()
 
     def book(self, msg: dict[str, Any], obs: np.ndarray, values: Any, logits: np.ndarray
              ) -> bool:
@@ -122,7 +121,7 @@ class Learner:
                     self.value(np.asarray([final], dtype=np.float32))[0])
             log_probs = log_softmax(p_logits)[np.arange(self.envs), actions]
             self.buffer.add(p_obs, actions.reshape(self.envs, 1), rewards, p_starts, p_values,
-                            self.torch.as_tensor(log_probs))
+                            torch.as_tensor(log_probs))
             if self.buffer.full:
                 self.buffer.compute_returns_and_advantage(last_values=values, dones=starts)
                 self.algo.train()
@@ -139,7 +138,8 @@ class Learner:
 
     def load(self, weights: dict[str, list[float]], noise: float) -> None:
         """Another model's weights, plus Gaussian noise of std `noise`; the transitions
-        gathered with the old weights are dropped (the update is on-policy)."""
+        gathered with the old weights, and the step in flight, are dropped (the update is
+        on-policy)."""
         state = self.policy.state_dict()
         missing = set(state) - set(weights)
         if missing:
@@ -150,9 +150,10 @@ class Learner:
             if noise > 0 and old.is_floating_point():
                 mutation = self.rng.normal(0.0, noise, values.shape)
                 values = values + np.asarray(mutation, dtype=np.float32)
-            new[name] = self.torch.as_tensor(values, dtype=old.dtype)
+            new[name] = torch.as_tensor(values, dtype=old.dtype)
         self.policy.load_state_dict(new)
         self.buffer.reset()
+        self.prev = None
 
 
 Outgoing = tuple[str, Any]  # (topic, body) to publish, or (LOGITS, (logits, key, det))
@@ -293,8 +294,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--algo", choices=ALGOS, default="a2c")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-
-    import torch
 
     torch.set_num_threads(1)  # M processes share the cores: one thread each
 
