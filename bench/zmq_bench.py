@@ -178,6 +178,15 @@ def run_lockstep(p: Peer, bodies: list[list[bytes]], steps: int, warmup: int,
     return meter.stop(run)
 
 
+def _send_window(send: Any, prefixes: list[bytes], n: int, sent_at: dict[int, int],
+                 clock: Any) -> int:
+    """Window n's messages (its STEP closes each prefix); returns n + 1."""
+    for prefix in prefixes:
+        send((b"logits", prefix + b"%d}" % n))
+    sent_at[n] = clock()
+    return n + 1
+
+
 def run_pipelined(p: Peer, prefixes: list[list[bytes]], inflight: int, windows: int,
                   warmup: int, max_s: float) -> Run:
     """K keyed windows outstanding; the rate while the pipe is full, and any loss."""
@@ -199,10 +208,7 @@ def run_pipelined(p: Peer, prefixes: list[list[bytes]], inflight: int, windows: 
     gc.disable()
     try:
         while nxt < inflight:
-            for prefix in prefixes[nxt % pool]:
-                send((b"logits", prefix + b"%d}" % nxt))
-            sent_at[nxt] = clock()
-            nxt += 1
+            nxt = _send_window(send, prefixes[nxt % pool], nxt, sent_at, clock)
         while sent_at:
             try:
                 topic, body = recv()
@@ -228,10 +234,7 @@ def run_pipelined(p: Peer, prefixes: list[list[bytes]], inflight: int, windows: 
                     end = now
                     done = received - warmup
                     continue
-                for prefix in prefixes[nxt % pool]:
-                    send((b"logits", prefix + b"%d}" % nxt))
-                sent_at[nxt] = clock()
-                nxt += 1
+                nxt = _send_window(send, prefixes[nxt % pool], nxt, sent_at, clock)
     finally:
         gc.enable()
     if sending:
