@@ -1,6 +1,6 @@
 """The README's performance tables, rendered from a `python -m bench` JSON (nothing typed in):
 
-    python -m bench.readme [bench/results/latest.json]
+    python -m bench.readme [bench/results/latest.json] [--nats 8:FILE 20:FILE]
 
 Prints Markdown: the targets of issue 14 (with the earlier checkout's figures beside them
 when the run had `--before`), where the lockstep microseconds go, the cost per window, and
@@ -163,9 +163,27 @@ def render(result: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    path = Path(args[0]) if args else Path(__file__).resolve().parent / "results" / "latest.json"
-    print(render(json.loads(path.read_text())))
+    import argparse
+
+    from . import scale
+
+    p = argparse.ArgumentParser(prog="python -m bench.readme", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("json", nargs="?", type=Path,
+                   default=Path(__file__).resolve().parent / "results" / "latest.json")
+    p.add_argument("--nats", nargs="*", default=[], metavar="M:FILE",
+                   help="bench.nats_bench --json results: the scale table too (bench.scale)")
+    args = p.parse_args(argv)
+    result = json.loads(args.json.read_text())
+    print(render(result))
+    if args.nats:
+        nats = {int(m): json.loads(Path(f).read_text())
+                for m, _, f in (x.partition(":") for x in args.nats)}
+        costs = scale.costs_from(result, nats)
+        print()
+        print(scale.markdown(costs))
+        print()
+        print(scale.per_step(costs))
     return 0
 
 

@@ -92,9 +92,9 @@ def _rate(x: float) -> str:
 
 
 def _first(rate: float, ceilings: list[tuple[float, str]]) -> str:
-    """The lowest ceiling under `rate`, or that none of them is reached."""
+    """The ceilings under `rate`, lowest first, or that none of them is reached."""
     over = sorted(c for c in ceilings if c[0] < rate)
-    return over[0][1] if over else "fits"
+    return "; then ".join(c[1] for c in over) if over else "fits"
 
 
 def rows(costs: dict[str, Any], a: Assumptions = Assumptions()) -> list[list[str]]:
@@ -136,8 +136,8 @@ def rows(costs: dict[str, Any], a: Assumptions = Assumptions()) -> list[list[str
 
 def markdown(costs: dict[str, Any], a: Assumptions = Assumptions()) -> str:
     head = ["steps/s", "M", "worker cores, ZeroMQ", "worker cores, NATS",
-            "NATS server cores, R1 / R3", "logits in", "ZeroMQ: limit first",
-            "NATS: limit first"]
+            "NATS server cores, R1 / R3", "logits in", "ZeroMQ: what limits it (lowest first)",
+            "NATS: what limits it (lowest first)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(r) + " |" for r in rows(costs, a)]
     return "\n".join(lines)
