@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -15,6 +14,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
+
+from processor.apps import processes
+from processor.apps.processes import cpu_seconds
 
 ROOT = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.1"
@@ -178,24 +180,6 @@ def ratio(a: dict[str, Any], b: dict[str, Any], key: str) -> float:
 # -- processes -----------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    """A TCP port free on loopback right now (the peer binds it a moment later)."""
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
-
-
-def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU seconds of a process so far (Linux /proc), or None."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    ticks = os.sysconf("SC_CLK_TCK")
-    return (int(fields[11]) + int(fields[12])) / ticks
-
-
 @dataclass
 class Child:
     """A process this suite started; `stop()` ends it (SIGTERM, then SIGKILL)."""
@@ -223,13 +207,7 @@ class Child:
         return self.log.read().decode(errors="replace")[-limit:]
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        processes.stop(self.proc, timeout=STOP_TIMEOUT_S)
 
 
 def _die_with_parent() -> None:

@@ -25,8 +25,6 @@ import itertools
 import json
 import os
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -41,6 +39,8 @@ from typing import Any
 
 import numpy as np
 
+from processor.apps import processes
+from processor.apps.processes import free_port
 from processor.client import AsyncEnvironment, AsyncModel, AsyncSwarm, NoReply, connect_async
 from processor.config import Config, from_mapping
 
@@ -65,38 +65,16 @@ class Result:
 
 def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of a process so far (0 where /proc is missing)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return 0.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
+    return processes.cpu_seconds(pid) or 0.0
 
 
 @contextmanager
 def child(argv: list[str], env: dict[str, str] | None = None, log: Path | None = None
           ) -> Iterator[subprocess.Popen[bytes]]:
-    out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(argv, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=out,
-                            stderr=subprocess.STDOUT)
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if log:
-            out.close()  # type: ignore[union-attr]
+    """processes.child with its output appended to `log` (or dropped)."""
+    with ExitStack() as stack:
+        out = stack.enter_context(open(log, "ab")) if log else subprocess.DEVNULL
+        yield stack.enter_context(processes.child(argv, env=env, out=out, cwd=ROOT))
 
 
 @contextmanager

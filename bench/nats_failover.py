@@ -26,18 +26,14 @@ import argparse
 import asyncio
 import itertools
 import json
-import os
 import shutil
 import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,36 +41,12 @@ from typing import Any
 import numpy as np
 import orjson
 
+from bench.nats_bench import child
+from processor.apps.processes import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.1"
 STREAM, ACTIONS = "SWARM_LOGITS", "SWARM_ACTIONS"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
-
-
-@contextmanager
-def child(argv: list[str], env: dict[str, str] | None = None, log: Path | None = None
-          ) -> Iterator[subprocess.Popen[bytes]]:
-    """A process that is stopped (SIGTERM, then SIGKILL) when the block ends."""
-    out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(argv, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=out,
-                            stderr=subprocess.STDOUT)
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if log:
-            out.close()  # type: ignore[union-attr]
 
 
 def worker_env(models: int, **keys: Any) -> dict[str, str]:

@@ -39,6 +39,8 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from processor.apps.processes import free_port
+
 from . import payloads
 from . import swergio_wire as wire
 from .common import (
@@ -48,7 +50,6 @@ from .common import (
     CpuMeter,
     Plan,
     Run,
-    free_port,
     python,
     ratio,
     spawn,

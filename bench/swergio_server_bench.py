@@ -41,6 +41,8 @@ from typing import Any
 
 from swergio import MESSAGE_TYPE, Client
 
+from processor.apps.processes import free_port
+
 from . import report
 from . import swergio_wire as wire
 from .common import (
@@ -50,7 +52,6 @@ from .common import (
     CpuMeter,
     Plan,
     Run,
-    free_port,
     python,
     ratio,
     spawn,

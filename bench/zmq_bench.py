@@ -34,6 +34,7 @@ from typing import Any, Self
 import orjson
 import zmq
 
+from processor.apps.processes import free_port
 from processor.client import NoReply, Swarm
 from processor.config import from_mapping
 
@@ -46,7 +47,6 @@ from .common import (
     CpuMeter,
     Plan,
     Run,
-    free_port,
     python,
     ratio,
     spawn,

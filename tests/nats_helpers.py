@@ -19,6 +19,7 @@ import nats
 import orjson
 from nats.js import api
 
+from processor.apps.processes import stop
 from tests.procs import cli, free_port, process, worker_env
 
 
@@ -63,13 +64,8 @@ class NatsServer:
         raise TimeoutError("nats-server did not become healthy")
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            stop(self.proc, sig)
         self.proc = None
 
 

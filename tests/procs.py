@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -16,16 +14,12 @@ from typing import Any
 
 import orjson
 
+from processor.apps.processes import free_port as free_port  # re-exported for the tests
+from processor.apps.processes import stop
 from processor.client import Swarm
 from processor.config import from_mapping
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def cli(*args: str) -> list[str]:
@@ -47,13 +41,7 @@ def process(argv: list[str], env: dict[str, str] | None = None,
     try:
         yield proc
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(stop_timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop(proc, timeout=stop_timeout)
 
 
 def output(proc: subprocess.Popen[bytes]) -> str:

@@ -27,6 +27,7 @@ from typing import Any, Self
 from prometheus_client import CollectorRegistry
 from swergio import MESSAGE_TYPE, Client, Trigger
 
+from processor.apps.processes import stop
 from processor.config import Config
 from processor.metrics import Metrics
 from processor.worker import Worker
@@ -46,14 +47,7 @@ SERVER_CODE = (
 )
 
 
-def _stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
-    if proc.poll() is None:
-        proc.send_signal(sig)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+_stop = stop  # (the name its users know)
 
 
 # -- the swergio server --------------------------------------------------------------------

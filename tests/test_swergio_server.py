@@ -28,6 +28,7 @@ import orjson
 import pytest
 from swergio import Client
 
+from processor.apps.processes import stop
 from tests.procs import ROOT, free_port, wait_for
 from tests.swergio_peers import (
     HOST,
@@ -69,14 +70,8 @@ class Ours:
 
     def stop(self, sig: int = signal.SIGTERM) -> tuple[int, str]:
         """Signal it, wait; its exit code and everything it printed."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-                raise AssertionError("swergio-server did not stop within 10 s") from None
+        if not stop(self.proc, sig):
+            raise AssertionError("swergio-server did not stop within 10 s")
         return self.proc.returncode, self.output()
 
     def rss_peak_kib(self) -> int:

@@ -34,6 +34,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from processor.apps import processes
+from processor.apps.processes import cpu_seconds, free_port
+
 from .common import ROOT, STEP_KEY, child_env, python, toml_text
 
 HOST = "127.0.0.1"
@@ -42,12 +45,6 @@ STOP_TIMEOUT_S = 10.0
 
 class RunError(RuntimeError):
     """The run cannot go on (a process died, a server did not come up)."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
 
 
 def accepts(port: int) -> bool:
@@ -94,13 +91,7 @@ class Child:
     def stop(self, timeout: float = STOP_TIMEOUT_S) -> int:
         """SIGTERM (an orderly stop for the worker and the servers), SIGKILL after
         `timeout`; returns the exit code."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        processes.stop(self.proc, timeout=timeout)
         return int(self.proc.returncode)
 
 
@@ -144,15 +135,6 @@ class Processes:
     def stop_all(self) -> None:
         for c in reversed(self.children):
             c.stop()
-
-
-def cpu_seconds(pid: int) -> float | None:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def nats_server_binary() -> str:
