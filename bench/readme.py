@@ -48,7 +48,9 @@ def _ratio(runs: list[float] | None) -> str:
 
 def targets_table(result: dict[str, Any]) -> str:
     rows = []
-    entries = result.get("targets", [])
+    # the instruction and CPU counts have a table of their own (cost_table)
+    entries = [t for t in result.get("targets", [])
+               if not t["target"].lstrip().startswith(("instructions", "CPU per", "before: "))]
     for i, t in enumerate(entries):
         if t["target"].startswith("  "):
             continue  # a `before` line: shown in its target's row

@@ -66,17 +66,18 @@ def _pipelined(pipe: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _cost(cost: dict[str, Any]) -> list[dict[str, Any]]:
+    """Instructions, then CPU time, per window: each followed by the earlier checkout's."""
     out = []
     for row in cost.get("rows", []):
-        for k in ("worker", "before"):
-            if k not in row:
-                continue
-            i = row[k]["instructions"]
-            label = "" if k == "worker" else "  before: "
-            case = f"M = {row['models']}, A = {row['actions']}, {row['encoding']}"
-            if i:
+        case = f"M = {row['models']}, A = {row['actions']}, {row['encoding']}"
+        kinds = [k for k in ("worker", "before") if k in row]
+        if row["worker"]["instructions"]:
+            for k in kinds:
+                label = "" if k == "worker" else "  before: "
                 out.append(_row(f"{label}instructions per window, {case}", "", None, None,
-                                stat([i["worker"]]), unit=""))
+                                stat([row[k]["instructions"]["worker"]]), unit=""))
+        for k in kinds:
+            label = "" if k == "worker" else "  before: "
             out.append(_row(f"{label}CPU per window, {case}", "", None, None,
                             row[k]["cpu_us_per_window"], unit=" µs"))
     return out
