@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import socket
 import sys
+import threading
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -180,6 +182,16 @@ class TorchPolicy:
 
 def client(name: str, host: str, port: int, **kwargs: Any) -> Client:
     return Client(name, host, port, FORMAT, HEADER_LENGTH, **kwargs)
+
+
+def close(c: Client, reader: threading.Thread) -> None:
+    """Shut a swergio Client's socket (its listening thread then ends) and join the thread."""
+    try:
+        c.client.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    c.client.close()
+    reader.join(5)
 
 
 def run_model(host: str, port: int, index: int, torch: bool) -> None:

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import queue
-import socket
 import sys
 import threading
 import time
@@ -43,7 +42,7 @@ from swergio import MESSAGE_TYPE, Client
 
 from processor.apps.processes import free_port
 
-from . import report
+from . import report, rlgym_peers
 from . import swergio_wire as wire
 from .common import (
     HOST,
@@ -178,12 +177,7 @@ class Control:
                 return msg
 
     def close(self) -> None:
-        try:
-            self.client.client.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.client.client.close()
-        self._thread.join(5)
+        rlgym_peers.close(self.client, self._thread)
 
 
 # -- round trips ---------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from typing import Any, Self
 from prometheus_client import CollectorRegistry
 from swergio import MESSAGE_TYPE, Client, Trigger
 
-from processor.apps.processes import stop
+from processor.apps.processes import accepts, stop
 from processor.config import Config
 from processor.metrics import Metrics
 from processor.worker import Worker
@@ -59,11 +59,7 @@ def _server_listening(port: int) -> bool:
     else happens. A probe that registers would be worse: the server sends the REGISTER
     and JOINROOM of later clients to everyone in `_command`, and a send to a client that
     has just closed raises in the *sender's* thread, which drops the sender.)"""
-    try:
-        with socket.create_connection((HOST, port), timeout=1):
-            return True
-    except OSError:
-        return False
+    return accepts(port, HOST)
 
 
 @contextmanager

@@ -43,6 +43,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from processor.apps.processes import accepts
+
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 VENV = ROOT / ".venv"
@@ -352,14 +354,6 @@ def require_free(*ports: int) -> None:
     if busy:
         pytest.fail(f"port(s) {busy} on {HOST} are in use: the README's recipes run on "
                     "their documented ports; stop what holds them and run again")
-
-
-def accepts(port: int) -> bool:
-    try:
-        with socket.create_connection((HOST, port), timeout=1):
-            return True
-    except OSError:
-        return False
 
 
 def http_status(url: str) -> int:

@@ -28,6 +28,7 @@ import orjson
 import pytest
 from swergio import Client
 
+from bench import rlgym_peers
 from processor.apps.processes import stop
 from tests.procs import ROOT, free_port, wait_for
 from tests.swergio_peers import (
@@ -245,12 +246,7 @@ class Recorder:
         assert not self.thread.is_alive(), f"{self.client.name}: no END within {timeout}s"
 
     def close(self) -> None:
-        try:
-            self.client.client.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.client.client.close()
-        self.thread.join(5)
+        rlgym_peers.close(self.client, self.thread)
 
 
 # -- 1. the same deliveries as the original ---------------------------------------------------

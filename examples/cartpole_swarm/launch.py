@@ -25,7 +25,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -35,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from processor.apps import processes
-from processor.apps.processes import cpu_seconds, free_port
+from processor.apps.processes import accepts, cpu_seconds, free_port
 
 from .common import ROOT, STEP_KEY, child_env, python, toml_text
 
@@ -45,14 +44,6 @@ STOP_TIMEOUT_S = 10.0
 
 class RunError(RuntimeError):
     """The run cannot go on (a process died, a server did not come up)."""
-
-
-def accepts(port: int) -> bool:
-    try:
-        with socket.create_connection((HOST, port), timeout=1):
-            return True
-    except OSError:
-        return False
 
 
 def _die_with_parent() -> None:
