@@ -21,7 +21,6 @@ worker (`python -m processor run`, configured by SWARM_AGG__* variables) or a ba
 
 from __future__ import annotations
 
-import gc
 import threading
 import time
 import urllib.request
@@ -31,20 +30,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
 
-import orjson
 import zmq
 
 from processor.apps.processes import free_port
 from processor.client import NoReply, Swarm
 from processor.config import from_mapping
 
-from . import payloads
 from .common import (
     HOST,
     ROOT,
     BenchError,
     Child,
-    CpuMeter,
     Plan,
     Run,
     python,
@@ -136,115 +132,6 @@ def peer(kind: str, plan: Plan, keyed: bool = False, metrics_port: int = 0) -> I
 # -- drivers -------------------------------------------------------------------------------
 
 
-def run_lockstep(p: Peer, bodies: list[list[bytes]], steps: int, warmup: int,
-                 max_s: float) -> Run:
-    """Lockstep windows; steps/s and the latency from the last publish to the action."""
-    send, recv = p.link.pub.send_multipart, p.link.sub.recv_multipart
-    pool = len(bodies)
-    clock = time.perf_counter_ns
-    latencies: list[int] = []
-    meter = CpuMeter(peer=p.child.pid)
-    max_ns = int(max_s * 1e9)
-    done = 0
-    gc.disable()
-    try:
-        for i in range(-warmup, steps):
-            if i == 0:
-                meter.start()
-                start = clock()
-            row = bodies[i % pool]
-            for body in row[:-1]:
-                send((b"logits", body))
-            t0 = clock()
-            send((b"logits", row[-1]))
-            while True:
-                try:
-                    topic, _ = recv()
-                except zmq.Again:
-                    p.child.check()
-                    raise BenchError(f"{p.child.name}: no action for step {i}") from None
-                if topic == b"action":
-                    break
-            t1 = clock()
-            if i >= 0:
-                latencies.append(t1 - t0)
-                done += 1
-                if t1 - start > max_ns:
-                    break
-        end = clock()
-    finally:
-        gc.enable()
-    run = Run(done, (end - start) / 1e9, done * len(bodies[0]), latencies)
-    return meter.stop(run)
-
-
-def _send_window(send: Any, prefixes: list[bytes], n: int, sent_at: dict[int, int],
-                 clock: Any) -> int:
-    """Window n's messages (its STEP closes each prefix); returns n + 1."""
-    for prefix in prefixes:
-        send((b"logits", prefix + b"%d}" % n))
-    sent_at[n] = clock()
-    return n + 1
-
-
-def run_pipelined(p: Peer, prefixes: list[list[bytes]], inflight: int, windows: int,
-                  warmup: int, max_s: float) -> Run:
-    """K keyed windows outstanding; the rate while the pipe is full, and any loss."""
-    send, sub = p.link.pub.send_multipart, p.link.sub
-    recv = sub.recv_multipart
-    loads = orjson.loads
-    pool = len(prefixes)
-    models = len(prefixes[0])
-    clock = time.perf_counter_ns
-    sent_at: dict[int, int] = {}
-    latencies: list[int] = []
-    meter = CpuMeter(peer=p.child.pid)
-    max_ns = int(max_s * 1e9)
-    warmup = max(warmup, 1)  # the clock starts at an action's arrival
-    total = warmup + windows
-    nxt = received = duplicates = done = 0
-    start = end = 0
-    sending = True
-    gc.disable()
-    try:
-        while nxt < inflight:
-            nxt = _send_window(send, prefixes[nxt % pool], nxt, sent_at, clock)
-        while sent_at:
-            try:
-                topic, body = recv()
-            except zmq.Again:
-                p.child.check()
-                break  # nothing for action_timeout_s: what is outstanding is lost
-            if topic != b"action":
-                continue
-            now = clock()
-            t = sent_at.pop(loads(body)["STEP"], None)
-            if t is None:
-                duplicates += 1
-                continue
-            received += 1
-            if received == warmup:
-                meter.start()
-                start = now
-            elif received > warmup and sending:
-                latencies.append(now - t)
-            if sending:
-                if received >= total or (start and now - start > max_ns):
-                    sending = False
-                    end = now
-                    done = received - warmup
-                    continue
-                nxt = _send_window(send, prefixes[nxt % pool], nxt, sent_at, clock)
-    finally:
-        gc.enable()
-    if sending:
-        raise BenchError(f"{p.child.name}: the pipeline stalled after {received} windows "
-                         f"({len(sent_at)} outstanding lost)")
-    run = Run(done, (end - start) / 1e9, done * models, latencies, lost=len(sent_at),
-              duplicates=duplicates)
-    return meter.stop(run)
-
-
 # -- metrics scraping ----------------------------------------------------------------------
 
 
@@ -283,6 +170,8 @@ class Scraper:
 
 
 def metrics_section(plan: Plan) -> dict[str, Any]:
+    from . import zmq_wire as wire  # (it builds on this module: imported here, not above)
+
     a = plan.metrics_actions
     rows = []
     for mode in ("lockstep", "pipelined"):
@@ -303,15 +192,15 @@ def metrics_section(plan: Plan) -> dict[str, Any]:
                             scraper = scraping.enter_context(
                                 Scraper(mport, plan.scrape_interval_s))
                         if mode == "lockstep":
-                            run = run_lockstep(target, payloads.lockstep_bodies(plan.models, a),
-                                               plan.lockstep_steps, plan.warmup_steps,
-                                               plan.lockstep_max_s)
+                            run, _ = wire.run_lockstep(
+                                target, wire.lockstep_frames(plan.models, a, wire.JSON),
+                                plan.lockstep_steps, plan.warmup_steps, plan.lockstep_max_s)
                         else:
-                            prefixes = payloads.keyed_prefixes(plan.models, a,
-                                                               f"metrics-{state}-{rep}")
-                            run = run_pipelined(target, prefixes, plan.inflight,
-                                                plan.pipelined_windows, plan.warmup_steps,
-                                                plan.pipelined_max_s)
+                            keyed = wire.keyed_frames(plan.models, a, f"metrics-{state}-{rep}",
+                                                      wire.JSON)
+                            run = wire.run_pipelined(target, keyed, plan.inflight,
+                                                     plan.pipelined_windows, plan.warmup_steps,
+                                                     plan.pipelined_max_s)
                     if state == "on":
                         scrapes += scraper.scrapes
                         failures += scraper.failures
