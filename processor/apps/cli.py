@@ -258,6 +258,15 @@ def cmd_loadgen(args: argparse.Namespace) -> int:
                            wait=args.wait, quiet=args.quiet, stop=stop)
 
 
+def _swarm_options(p: argparse.ArgumentParser) -> None:
+    """The simulated swarm's shape, as the demo and the load generator take it."""
+    p.add_argument("--models", type=int, default=8, help="simulated models M (default 8)")
+    p.add_argument("--actions", type=int, default=6, help="actions A (default 6)")
+    p.add_argument("--batch", type=int, default=1,
+                   help="environments stepping together, B (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of models and environment")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="swarm-aggregator",
@@ -279,13 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Start the worker, M simulated models of different skill "
                                    "and a toy environment, over ZeroMQ on loopback; show "
                                    "progress; end with the contribution leaderboard.")
-    d.add_argument("--models", type=int, default=8, help="simulated models M (default 8)")
-    d.add_argument("--actions", type=int, default=6, help="actions A (default 6)")
+    _swarm_options(d)
     d.add_argument("--steps", type=int, default=0,
                    help="stop after this many steps (default 0: until Ctrl-C)")
-    d.add_argument("--batch", type=int, default=1,
-                   help="environments stepping together, B (default 1)")
-    d.add_argument("--seed", type=int, default=0, help="seed of models and environment")
     d.add_argument("--quiet", action="store_true", help="no live progress line")
     d.set_defaults(func=cmd_demo)
 
@@ -388,9 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sub", default="tcp://127.0.0.1:5556",
                    help="where our SUB connects: the worker's PUB or a proxy's XPUB "
                         "(default %(default)s)")
-    g.add_argument("--models", type=int, default=8, help="simulated models M (default 8)")
-    g.add_argument("--actions", type=int, default=6, help="actions A (default 6)")
-    g.add_argument("--batch", type=int, default=1, help="environments per step B (default 1)")
+    _swarm_options(g)
     g.add_argument("--rate", type=float, default=100.0, help="steps per second (default 100)")
     g.add_argument("--skip", type=float, default=0.0,
                    help="probability that a model skips a step: partial windows (default 0)")
@@ -404,7 +407,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--wait", type=float, default=0.0,
                    help="give up if no worker answers within this many seconds (default 0: "
                         "wait forever)")
-    g.add_argument("--seed", type=int, default=0, help="seed of models and environment")
     g.add_argument("--quiet", action="store_true", help="no progress lines")
     g.set_defaults(func=cmd_loadgen)
 
