@@ -311,8 +311,15 @@ def script(port: int) -> dict[str, list[dict[str, Any]]]:
         say(alpha, ID="m17", TYPE="DATA/CUSTOM", TO="delta", N=17)
         say(gamma, ID="m18", TYPE="DATA/CUSTOM", TO_ROOM="room2", N=18)
         # DISCONNECT: the server closes; it goes to no one; the name and rooms are gone.
-        beta.client.close()
+        # (As swergio's Client.close() sends it, but beta reads on until the server closes
+        # the connection, and a round trip through the server follows: the original drops
+        # the name after closing, and a message for a name it still holds, sent to a
+        # closed socket, would end the *sender's* thread. Without these two waits a busy
+        # machine could show that race instead of the rule.)
+        beta.send({"ID": "d1", "TYPE": "COMMAND/DISCONNECT", "TO_ROOM": "_command"})
         beta.join()
+        beta.client.client.close()
+        obs.after(gamma)
         say(alpha, ID="m19", TYPE="DATA/CUSTOM", TO_ROOM="room2", N=19)
         say(alpha, ID="m20", TYPE="DATA/CUSTOM", TO="beta", N=20)
         say(gamma, ID="m21", TYPE="DATA/CUSTOM", TO_ROOM="_logging", N=21)
