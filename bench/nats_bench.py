@@ -1,6 +1,7 @@
 """Benchmark of the NATS JetStream path, with the ZeroMQ figure beside it in the same run.
 
     python -m bench.nats_bench [--models 8] [--actions 18] [--inflight 64] [--seconds 5]
+                               [--repeats 3] [--before DIR] [--workers 1 3]
 
 Starts a nats-server (JetStream, file storage in a temporary folder) and the workers as
 real processes on loopback, and drives them from this process (asyncio):
@@ -10,11 +11,15 @@ real processes on loopback, and drives them from this process (asyncio):
 - latency: one window at a time (closed loop); from the last model's message sent to the
   action received, as an environment sees it; p50/p90/p99 over `--latency-steps`.
 
-Cases: ZeroMQ (one worker, bound sockets), NATS with 1 worker, NATS with 3 workers (on P =
-8 partitions). On NATS the models publish with JetStream (pipelined PubAcks), the worker
-acknowledges after the action's PubAck, and the environment reads the de-duplicated live
-feed (`action.>`). Every process shares this machine's cores: with few cores, 3 workers
-compete with the server and the driver, and the figure says so.
+Cases: ZeroMQ (one worker, bound sockets), NATS with 1 worker, NATS with 3 workers (on P = 8
+partitions); with `--before DIR` (a checkout of an earlier commit, `git worktree add DIR
+REF`) also NATS with one worker of DIR, on its own server. Every repeat runs the cases back
+to back, and issue 14's ratios (NATS / ZeroMQ, this worker's server / DIR's) are taken
+within each repeat: the machine may be shared, so figures of different runs do not compare.
+On NATS the models publish with JetStream (pipelined PubAcks), the worker acknowledges after
+the action's PubAck, and the environment reads the de-duplicated live feed (`action.>`).
+Every process shares this machine's cores: with few cores, 3 workers compete with the server
+and the driver, and the figure says so.
 """
 
 from __future__ import annotations
@@ -110,8 +115,23 @@ def worker_env(models: int, **keys: Any) -> dict[str, str]:
             for k, v in base.items()}
 
 
-def worker_argv() -> list[str]:
-    return [sys.executable, "-m", "processor", "run"]
+def worker_argv(profile: Path | None = None) -> list[str]:
+    """The worker's command; under cProfile (its stats written to `profile` at exit)."""
+    if profile is None:
+        return [sys.executable, "-m", "processor", "run"]
+    return [sys.executable, "-m", "cProfile", "-o", str(profile), "-m", "processor", "run"]
+
+
+@contextmanager
+def worker(env: dict[str, str], log: Path, root: Path = ROOT,
+           profile: Path | None = None) -> Iterator[subprocess.Popen[bytes]]:
+    """A worker run from `root` (this checkout, or another one's code: --before)."""
+    env = {**env, "PYTHONPATH": os.pathsep.join(
+        p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p)}
+    with ExitStack() as stack:
+        out = stack.enter_context(open(log, "ab"))
+        yield stack.enter_context(processes.child(worker_argv(profile), env=env, out=out,
+                                                  cwd=root))
 
 
 class Bodies:
@@ -201,7 +221,7 @@ async def bench_zmq(args: argparse.Namespace, bodies: Bodies, folder: Path) -> R
     sub, pub = f"tcp://{HOST}:{free_port()}", f"tcp://{HOST}:{free_port()}"
     env = worker_env(args.models, transport__kind="zmq", transport__zmq__sub=sub,
                      transport__zmq__pub=pub)
-    with child(worker_argv(), env, folder / "zmq-worker.log") as proc:
+    with worker(env, folder / "zmq-worker.log") as proc:
         PIDS.clear()
         PIDS["worker"] = [proc.pid]
         # Unbounded queues: what is in flight is bounded by --inflight.
@@ -215,23 +235,28 @@ async def bench_zmq(args: argparse.Namespace, bodies: Bodies, folder: Path) -> R
 
 
 async def bench_nats(args: argparse.Namespace, bodies: Bodies, folder: Path,
-                     workers: int) -> Result:
+                     workers: int, root: Path = ROOT, case: str = "nats") -> Result:
     PIDS.clear()
-    with nats_server(folder / f"nats-{workers}") as url, ExitStack() as stack:
+    name = f"{case}-{workers}"
+    storage = {"transport__nats__storage": args.storage} if args.storage != "file" else {}
+    with nats_server(folder / name) as url, ExitStack() as stack:
         for k in range(workers):
             env = worker_env(args.models, transport__kind="nats",
                              transport__nats__servers=[url],
                              transport__nats__partitions=args.partitions,
                              transport__nats__workers=workers, transport__nats__index=k,
-                             transport__nats__worker_id=f"w{k}")
-            proc = stack.enter_context(child(worker_argv(), env,
-                                             folder / f"nats-{workers}-worker{k}.log"))
+                             transport__nats__worker_id=f"w{k}", **storage)
+            profile = (args.profile / f"{name}-worker{k}.prof"
+                       if args.profile is not None else None)
+            proc = stack.enter_context(worker(env, folder / f"{name}-worker{k}.log", root,
+                                              profile))
             PIDS.setdefault("worker", []).append(proc.pid)
         driver = Driver(peer_config({"kind": "nats", "nats": {
-            "servers": [url], "partitions": args.partitions}}), args.models)
+            "servers": [url], "partitions": args.partitions, **(
+                {"storage": args.storage} if args.storage != "file" else {})}}), args.models)
         try:
             await driver.start()
-            return await measure(driver, "nats", workers, args, bodies)
+            return await measure(driver, case, workers, args, bodies)
         finally:
             await driver.close()
 
@@ -248,7 +273,7 @@ async def measure(driver: Driver, case: str, workers: int, args: argparse.Namesp
     lat = await driver.latency(bodies, args.latency_steps)
     r = summary(case, workers, args.models, done, elapsed, lat)
     r.cpu_ms_per_step = cpu
-    print(f"  {case:5s} workers={workers}: {r.steps_per_s:6.0f} steps/s "
+    print(f"  {case:6s} workers={workers}: {r.steps_per_s:6.0f} steps/s "
           f"({r.msgs_per_s:6.0f} msgs/s in)  latency p50 {r.latency_p50_ms:5.2f} ms  "
           f"p90 {r.latency_p90_ms:5.2f} ms  p99 {r.latency_p99_ms:6.2f} ms  CPU ms/step "
           + " ".join(f"{k}={v:.3f}" for k, v in cpu.items()), flush=True)
@@ -256,6 +281,7 @@ async def measure(driver: Driver, case: str, workers: int, args: argparse.Namesp
 
 
 async def run(args: argparse.Namespace) -> list[Result]:
+    """One repeat: every case back to back."""
     bodies = Bodies(args.models, args.actions)
     out = []
     with tempfile.TemporaryDirectory(prefix="nats-bench-") as tmp:
@@ -264,6 +290,8 @@ async def run(args: argparse.Namespace) -> list[Result]:
             out.append(await bench_zmq(args, bodies, folder))
             for k in args.workers:
                 out.append(await bench_nats(args, bodies, folder, k))
+            if args.before is not None:
+                out.append(await bench_nats(args, bodies, folder, 1, args.before, "before"))
         except BaseException:
             for log in sorted(folder.rglob("*.log")):
                 print(f"--- {log.name}\n{log.read_text()[-3000:]}", file=sys.stderr)
@@ -271,7 +299,65 @@ async def run(args: argparse.Namespace) -> list[Result]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def ratios(results: list[Result]) -> dict[str, float]:
+    """Issue 14's ratios within one repeat (a case that did not run gives none)."""
+    by = {(r.case, r.workers): r for r in results}
+    zmq, nats, before = by.get(("zmq", 1)), by.get(("nats", 1)), by.get(("before", 1))
+    out: dict[str, float] = {}
+    if zmq is not None and nats is not None:
+        out["steps_over_zmq"] = nats.steps_per_s / zmq.steps_per_s
+        out["worker_cpu_over_zmq"] = (nats.cpu_ms_per_step["worker"]
+                                      / zmq.cpu_ms_per_step["worker"])
+    if zmq is not None and before is not None:
+        out["before_steps_over_zmq"] = before.steps_per_s / zmq.steps_per_s
+        out["before_worker_cpu_over_zmq"] = (before.cpu_ms_per_step["worker"]
+                                             / zmq.cpu_ms_per_step["worker"])
+    if nats is not None and before is not None:
+        out["server_cpu_over_before"] = (nats.cpu_ms_per_step["server"]
+                                         / before.cpu_ms_per_step["server"])
+    return out
+
+
+# (name, goal, at most, at least) of issue 14's NATS targets, by ratio name
+TARGETS = {
+    "worker_cpu_over_zmq": ("NATS worker CPU per step / ZeroMQ's", "<= 1.2x", 1.2, None),
+    "before_worker_cpu_over_zmq": ("  before (--before)", "", None, None),
+    "server_cpu_over_before": ("NATS server CPU per step / before's (--before)", "<= 0.5x",
+                               0.5, None),
+    "steps_over_zmq": ("NATS steps/s, 1 worker / ZeroMQ's", ">= 0.6x", None, 0.6),
+    "before_steps_over_zmq": ("  before (--before)", "", None, None),
+}
+
+
+def section(plan: Any) -> dict[str, Any]:
+    """`python -m bench`'s nats section: the 1-worker cases, `plan.repeats` times."""
+    # The throughput phase lasts as long as the ZeroMQ sections' pipelined runs (about 5 s
+    # in the full plan, 2 s with --quick).
+    seconds = max(1.0, 2 * plan.pipelined_max_s)
+    args = parse_args(["--workers", "1", "--repeats", str(plan.repeats),
+                       "--seconds", str(seconds), "--latency-steps", "100"]
+                      + (["--before", plan.before] if plan.before else []))
+    runs = [asyncio.run(run(args)) for _ in range(args.repeats)]
+    return {"models": args.models, "actions": args.actions, "inflight": args.inflight,
+            "before": plan.before or None,
+            "runs": [[asdict(r) for r in rs] for rs in runs],
+            "ratios": {k: [rt[k] for rt in map(ratios, runs) if k in rt]
+                       for k in TARGETS}}
+
+
+def summarize(runs: list[list[Result]]) -> str:
+    lines = []
+    per = [ratios(rs) for rs in runs]
+    for k, (name, goal, _, _) in TARGETS.items():
+        xs = sorted(rt[k] for rt in per if k in rt)
+        if not xs:
+            continue
+        med = statistics.median(xs)
+        lines.append(f"  {name:48s} {goal:8s} {med:5.2f}x [{xs[0]:.2f}-{xs[-1]:.2f}]")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.nats_bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", type=int, default=8, help="M, messages per window")
@@ -282,13 +368,41 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--partitions", type=int, default=8)
     p.add_argument("--workers", type=int, nargs="+", default=[1, 3],
                    help="NATS worker counts to run")
+    p.add_argument("--repeats", type=int, default=1, help="runs of every case, back to back")
+    p.add_argument("--before", type=Path, metavar="DIR",
+                   help="a checkout of an earlier commit: its worker (1) measured beside")
+    p.add_argument("--storage", choices=("file", "memory"), default="file",
+                   help="the streams' storage (memory: not the default; restarts lose it)")
+    p.add_argument("--profile", type=Path, metavar="DIR",
+                   help="run the NATS workers under cProfile, stats written to DIR")
     p.add_argument("--json", help="also write the results to this file")
     args = p.parse_args(argv)
+    if args.before is not None:
+        args.before = args.before.resolve()
+        if not (args.before / "transports" / "nats").is_dir():
+            p.error(f"--before {args.before}: not a checkout of this project")
+    if args.profile is not None:
+        args.profile = args.profile.resolve()
+        args.profile.mkdir(parents=True, exist_ok=True)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     print(f"swarm-aggregator NATS bench: M={args.models} A={args.actions} "
-          f"inflight={args.inflight} P={args.partitions} cores={os.cpu_count()}", flush=True)
-    results = asyncio.run(run(args))
+          f"inflight={args.inflight} P={args.partitions} storage={args.storage} "
+          f"cores={os.cpu_count()}", flush=True)
+    runs = []
+    for i in range(args.repeats):
+        if args.repeats > 1:
+            print(f" repeat {i + 1} of {args.repeats}", flush=True)
+        runs.append(asyncio.run(run(args)))
+    table = summarize(runs)
+    if table:
+        print("targets (issue 14), ratios within each repeat: median [min-max]\n" + table)
     if args.json:
-        Path(args.json).write_text(json.dumps([asdict(r) for r in results], indent=1))
+        Path(args.json).write_text(json.dumps([[asdict(r) for r in rs] for rs in runs],
+                                              indent=1))
     return 0
 
 

@@ -7,18 +7,18 @@ import collections
 import contextlib
 import logging
 import os
-import re
 import socket
 import time
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Self
 
 import orjson
+from nats import errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext, api
-from nats.js.errors import NoStreamResponseError
 
 from processor.config import Config
 from processor.errors import ConfigError
@@ -45,43 +45,62 @@ PULL_HEARTBEAT_S = 1.0   # ... and says it is alive this often while idle
 LEADERLESS_RETRY_S = 0.2
 # ... and only after this long without a leader is the consumer thought gone and made again.
 LEADERLESS_SETUP_S = 20.0
-_SPACE = re.compile(r"\s")
 RESEND_MAX_S = 0.25      # the longest pause between two sends of an action not yet stored
 LOG_EVERY_S = 5.0        # at most one line per kind of trouble in this interval
 
 
-class _Client(Client):
-    """nats-py's client with a cheaper header parser (every delivery has headers).
+# A message as the direct handlers of `_Client` get it: subject, reply, payload, raw headers.
+Handler = Callable[[bytes, bytes, bytes, bytes | None], None]
 
-    The same result as nats-py's own (`Name: Value` lines; a name that is not ASCII or holds
-    whitespace is skipped; values decoded as UTF-8 with replacement), without its
-    character-by-character test of each name, which cost the worker more CPU per step than
-    all its acknowledgements.
+
+class _Client(Client):
+    """nats-py's client, with the worker's hot subscriptions handled synchronously.
+
+    nats-py makes every message a Msg, parses its headers, queues it and wakes a task that
+    awaits the callback: for the deliveries, the PubAcks and the evolution commands the
+    worker sees per step, that cost more CPU than the rest of the step. A subscription made
+    `direct` hands the parser's bytes straight to a plain function (which must not raise);
+    everything else (connecting, reconnecting and subscribing again, requests, the JetStream
+    API) stays nats-py's. `write` queues raw protocol bytes and wakes the flusher once.
     """
 
-    @staticmethod
-    def _parse_header_lines(raw: bytes) -> dict[str, str]:
-        out: dict[str, str] = {}
-        for line in raw.split(b"\r\n"):
-            name, sep, value = line.partition(b":")
-            if not sep:
-                continue
-            try:
-                key = name.strip().decode("ascii")
-            except UnicodeDecodeError:
-                continue
-            if _SPACE.search(key) is None:
-                out[key] = value.strip().decode("utf-8", "replace")
-        return out
+    def __init__(self) -> None:
+        super().__init__()
+        self._direct: dict[int, Handler] = {}
+
+    def direct(self, sub: Subscription, handler: Handler) -> None:
+        self._direct[sub._id] = handler
+
+    async def _process_msg(self, sid: int, subject: bytes, reply: bytes, data: bytes,
+                           headers: bytes | None) -> None:
+        handler = self._direct.get(sid)
+        if handler is None:
+            await super()._process_msg(sid, subject, reply, data, headers)  # type: ignore[arg-type]
+            return
+        self.stats["in_msgs"] += 1
+        self.stats["in_bytes"] += len(data)
+        handler(subject, reply, data, headers)
+
+    def write(self, cmd: bytes) -> None:
+        """Queue protocol bytes (kept across a reconnect, as publish does); flush soon."""
+        if not self.is_connected and (self._max_pending_size <= 0 or len(cmd)
+                                      + self._pending_data_size > self._max_pending_size):
+            raise errors.OutboundBufferLimitError
+        self._pending.append(cmd)
+        self._pending_data_size += len(cmd)
+        queue = self._flush_queue
+        if (self.is_connected and queue is not None and queue.empty()
+                and self._flusher_task is not None and not self._flusher_task.done()):
+            queue.put_nowait(asyncio.get_running_loop().create_future())
 
 
 class _Held:
     """A delivery token: the latest delivery of one stream message, until it is settled."""
 
-    __slots__ = ("at", "msg", "partition", "released", "seq")
+    __slots__ = ("at", "partition", "released", "reply", "seq")
 
-    def __init__(self, msg: Msg, seq: int, at: float, partition: int) -> None:
-        self.msg = msg
+    def __init__(self, reply: bytes, seq: int, at: float, partition: int) -> None:
+        self.reply = reply  # the delivery's ack subject
         self.seq = seq
         self.at = at  # when the server last heard that it is being worked on
         self.partition = partition
@@ -107,13 +126,27 @@ class _Pull:
 
 
 class _Pub:
-    __slots__ = ("future", "headers", "payload", "subject")
+    """An action on its way to the action stream, until its PubAck."""
 
-    def __init__(self, subject: str, payload: bytes, headers: dict[str, str]) -> None:
-        self.subject = subject
-        self.payload = payload
-        self.headers = headers
-        self.future: asyncio.Future[api.PubAck] | None = None
+    __slots__ = ("commit", "delay", "retry", "sent", "stored", "wire")
+
+    def __init__(self, wire: bytes) -> None:
+        self.wire = wire  # the whole HPUB, with its reply subject: sent again as it is
+        self.sent = 0.0
+        self.stored = False
+        self.delay = 0.05  # the pause before sending again after a refusal (doubling)
+        self.retry: asyncio.TimerHandle | None = None
+        self.commit: _Commit | None = None
+
+
+class _Commit:
+    """The tokens of one burst, acknowledged once all its actions are stored."""
+
+    __slots__ = ("left", "tokens")
+
+    def __init__(self, tokens: list[Any], left: int) -> None:
+        self.tokens = tokens
+        self.left = left
 
 
 class NatsTransport:
@@ -134,7 +167,7 @@ class NatsTransport:
         self.duplicates = 0    # actions the stream already had (a rebuilt window)
         self.redelivered = 0   # deliveries after the first
         self.handed_back = 0   # messages given back (NAK) to the worker now serving them
-        self._nc: Client | None = None
+        self._nc: _Client | None = None
         self._js: JetStreamContext | None = None
         self._subs: list[Subscription] = []
         self._inbox: collections.deque[Envelope] = collections.deque()
@@ -142,9 +175,14 @@ class NatsTransport:
         self._held: dict[int, _Held] = {}
         self._released: dict[int, _Held] = {}  # handed back, still in a window here
         self._pulls: dict[int, _Pull] = {}
-        self._by_consumer: dict[str, _Pull] = {}
+        self._by_consumer: dict[bytes, _Pull] = {}
         self._unconfirmed: list[_Pub] = []
-        self._inflight: set[_Pub] = set()  # actions sent, PubAck not yet seen
+        self._inflight: dict[int, _Pub] = {}  # actions sent, PubAck not yet seen, by id
+        self._drained = asyncio.Event()  # no action waits for its PubAck
+        self._drained.set()
+        self._pub_ids = 0
+        self._action_subject: dict[str, bytes] = {}  # HPUB subject by action token (capped)
+        self._puback_prefix = ""
         self._tasks: set[asyncio.Task[Any]] = set()
         self._keeper: asyncio.Task[None] | None = None
         self._need_setup = False
@@ -216,11 +254,16 @@ class NatsTransport:
             pull = _Pull(p, f"$JS.API.CONSUMER.MSG.NEXT.{n.stream}.{consumer_name(p)}",
                          f"{prefix}.{p}")
             self._pulls[p] = pull
-            self._by_consumer[consumer_name(p)] = pull
-        pending = max(65536, 4 * n.pull_batch * max(1, len(self.partitions)))
-        self._subs.append(await nc.subscribe(f"{prefix}.*", cb=self._on_delivery,
-                                             pending_msgs_limit=pending))
-        self._subs.append(await nc.subscribe(self.t_evolution, cb=self._on_evolution))
+            self._by_consumer[consumer_name(p).encode()] = pull
+        # Deliveries, PubAcks and evolution commands go to plain functions (_Client.direct):
+        # no callback task, no queue.
+        for subject, handler in ((f"{prefix}.*", self._on_delivery),
+                                 (f"{prefix}.ack.*", self._on_puback),
+                                 (self.t_evolution, self._on_evolution)):
+            sub = await nc.subscribe(subject)
+            nc.direct(sub, handler)
+            self._subs.append(sub)
+        self._puback_prefix = f"{prefix}.ack."
         # A new leader after a node loss: pull from it, and send the actions it may have lost,
         # at once rather than when heartbeats or PubAcks are missed. (Only speed depends on
         # these advisories: a worker not allowed to read them recovers on its timers.)
@@ -232,7 +275,7 @@ class NatsTransport:
         # need not wait for the old pin to time out); one still running becomes the standby.
         await self._unpin()
         for pull in self._pulls.values():
-            await self._pull(pull)
+            self._pull(pull)
         self._keeper = asyncio.create_task(self._keep())
         self.ready = True
         log.info("nats: worker %s serves partitions %s of %d (stream %s)", self.worker_id,
@@ -261,6 +304,12 @@ class NatsTransport:
         # Actions published but never settled (the worker stopped between the two):
         # nothing to acknowledge, their windows' messages come back.
         self._unconfirmed = []
+        with contextlib.suppress(TimeoutError):  # given up: their messages come back
+            await asyncio.wait_for(self._drained.wait(), self._give_up_at - time.monotonic())
+        for pub in self._inflight.values():
+            if pub.retry is not None:
+                pub.retry.cancel()
+        self._inflight.clear()
         if self._tasks:
             tasks = list(self._tasks)
             await asyncio.wait(tasks, timeout=self._give_up_at - time.monotonic() + 1.0)
@@ -288,11 +337,7 @@ class NatsTransport:
     async def _hand_back(self) -> None:
         """What is still held (open windows) goes back now rather than after ack_wait."""
         self.handed_back += len(self._held)
-        for h in list(self._held.values()):
-            try:
-                await h.msg.nak()
-            except Exception as e:  # it comes back after ack_wait then
-                log.debug("nats: nak not sent (%r)", e)
+        self._settle(list(self._held.values()), b"-NAK")
         self._held.clear()
 
     # -- in ------------------------------------------------------------------------------
@@ -310,22 +355,28 @@ class NatsTransport:
         if len(inbox) < self._high // 2:
             for pull in self._pulls.values():
                 if pull.outstanding <= self.cfg.pull_batch // 2:
-                    await self._pull(pull)
+                    self._pull(pull)
         return out
 
-    async def _on_delivery(self, msg: Msg) -> None:
+    def _on_delivery(self, subject: bytes, reply: bytes, data: bytes,
+                     headers: bytes | None) -> None:
         now = time.monotonic()
-        if not msg.reply:  # a status: heartbeat, request expired, consumer gone
-            await self._on_status(msg, now)
+        if not reply:  # a status: heartbeat, request expired, consumer gone
+            self._on_status(subject, headers or b"", now)
             return
-        consumer, delivered, seq = _ack_fields(msg.reply)
+        try:
+            consumer, delivered, seq = _ack_fields(reply)
+        except (IndexError, ValueError):
+            self._trouble("reply", "a delivery with an unknown reply subject: %r", reply)
+            return
         pull = self._by_consumer.get(consumer)
         if pull is not None:
             pull.outstanding = max(0, pull.outstanding - 1)
             pull.seen = now
             pull.leaderless = 0.0
-            if msg.headers and not pull.pin:
-                pull.pin = msg.headers.get("Nats-Pin-Id", "")
+            if headers and not pull.pin:
+                # Only until the server names this worker's pin: the only header it reads.
+                pull.pin = _header(headers, b"Nats-Pin-Id")
                 if pull.pin:
                     pull.served = True
                     log.info("nats: serving partition %d", pull.partition)
@@ -336,28 +387,35 @@ class NatsTransport:
             # Redelivered while this worker still holds it (an ack or a progress note was
             # lost, or it was handed back and came back here): the window has it already;
             # settle the newest delivery later.
-            held.msg, held.at, held.released = msg, now, False
+            held.reply, held.at, held.released = reply, now, False
             self._held[seq] = held
         elif delivered > self.cfg.max_deliver:
-            self._spawn(self._dead_letter(msg, seq, delivered))
+            self._spawn(self._dead_letter(subject.decode(errors="replace"), data, reply, seq,
+                                          delivered))
         else:
-            held = _Held(msg, seq, now, pull.partition if pull is not None else -1)
+            held = _Held(reply, seq, now, pull.partition if pull is not None else -1)
             self._held[seq] = held
-            self._inbox.append((self.t_logits, msg.data, now, held))
+            self._inbox.append((self.t_logits, data, now, held))
             self._wake.set()
         if pull is not None and pull.outstanding <= self.cfg.pull_batch // 2:
-            await self._pull(pull)
+            self._pull(pull)
 
-    async def _on_status(self, msg: Msg, now: float) -> None:
-        pull = self._pulls.get(_last_int(msg.subject))
+    def _on_status(self, subject: bytes, headers: bytes, now: float) -> None:
+        pull = self._pulls.get(_last_int(subject))
         if pull is None:
             return
         pull.seen = now
-        headers = msg.headers or {}
-        status = headers.get(api.Header.STATUS)
-        if status == "100":
+        if headers.startswith(b"NATS/1.0 100"):
             pull.leaderless = 0.0
             return  # idle heartbeat: the request is alive
+        self._spawn(self._status(pull, headers, now))
+
+    async def _status(self, pull: _Pull, raw: bytes, now: float) -> None:
+        """A pull request's end (timeout, no leader, pinned elsewhere, consumer gone)."""
+        nc = self._nc
+        assert nc is not None
+        headers = await nc._process_headers(raw) or {}
+        status = headers.get(api.Header.STATUS)
         left = headers.get("Nats-Pending-Messages")
         log.debug("nats: partition %d: pull status %s %s (left %s of %d asked)", pull.partition,
                   status, headers.get(api.Header.DESCRIPTION, ""), left, pull.outstanding)
@@ -377,14 +435,14 @@ class NatsTransport:
         if status == "423":
             # Pinned to another worker now (this one was away longer than ack_wait_s): hand
             # back what it holds of that partition, and wait as a standby.
-            await self._release(pull)
+            self._release(pull)
         elif status not in ("404", "408"):
             desc = str(headers.get(api.Header.DESCRIPTION, "")).split("\n", 1)[0]
             if "deleted" in desc.lower():
                 self._need_setup = True  # the consumer (or JetStream) is gone: make it again
             self._trouble(f"status{status}", "pull on partition %d: %s %s", pull.partition,
                           status, desc)
-        await self._pull(pull)
+        self._pull(pull)
 
     async def _on_leader(self, msg: Msg) -> None:
         """A consumer or the action stream has a new leader (JetStream advisory)."""
@@ -393,7 +451,7 @@ class NatsTransport:
         kind, _, rest = msg.subject.removeprefix("$JS.EVENT.ADVISORY.").partition(".")
         name = rest.rsplit(".", 1)[-1]
         if kind == "CONSUMER":
-            pull = self._by_consumer.get(name)
+            pull = self._by_consumer.get(name.encode())
             if pull is None:
                 return
             # A lost leader took this worker's pull requests with it, and what it was
@@ -437,33 +495,28 @@ class NatsTransport:
             else:
                 log.info("nats: partition %d: what was on its way is delivered again",
                          pull.partition)
-        await self._pull(pull)
+        self._pull(pull)
 
     def _resend(self, why: str) -> None:
-        """Send again, now, every action whose PubAck has not come (the stream de-duplicates).
-
-        Cancelling the waits wakes `_confirm`, which sends them again at once instead of
-        after publish_timeout_s.
-        """
-        waiting = [p for p in self._inflight if p.future is not None and not p.future.done()]
-        if waiting:
-            log.info("nats: %s: sending %d unconfirmed actions again", why, len(waiting))
-        for p in waiting:
-            assert p.future is not None
-            p.future.cancel()
+        """Send again, now, every action whose PubAck has not come (the stream de-duplicates)."""
+        if self._inflight:
+            log.info("nats: %s: sending %d unconfirmed actions again", why, len(self._inflight))
+        for pub in list(self._inflight.values()):
+            self._send(pub)
 
     def _pull_later(self, pull: _Pull) -> None:
         if pull.retry is None and not self._closing:
             def fire() -> None:
                 pull.retry = None
-                self._spawn(self._pull(pull))
+                self._pull(pull)
             pull.retry = asyncio.get_running_loop().call_later(LEADERLESS_RETRY_S, fire)
 
-    async def _on_evolution(self, msg: Msg) -> None:
-        self._inbox.append((self.t_evolution, msg.data, time.monotonic(), None))
+    def _on_evolution(self, subject: bytes, reply: bytes, data: bytes,
+                      headers: bytes | None) -> None:
+        self._inbox.append((self.t_evolution, data, time.monotonic(), None))
         self._wake.set()
 
-    async def _pull(self, pull: _Pull) -> None:
+    def _pull(self, pull: _Pull) -> None:
         """Ask for more messages of one partition, unless enough are on their way."""
         nc = self._nc
         if (self._closing or nc is None or not nc.is_connected or pull.retry is not None
@@ -483,7 +536,8 @@ class NatsTransport:
         pull.outstanding += want
         pull.seen = time.monotonic()
         try:
-            await nc.publish(pull.next_subject, body, reply=pull.inbox)
+            nc.write(b"PUB %s %s %d\r\n%s\r\n" % (pull.next_subject.encode(),
+                                                     pull.inbox.encode(), len(body), body))
         except Exception as e:  # disconnected: the keeper asks again
             pull.outstanding -= want
             self._trouble("pull", "cannot pull: %r", e)
@@ -497,7 +551,7 @@ class NatsTransport:
                 await nc.request(f"$JS.API.CONSUMER.UNPIN.{stream}.{consumer_name(p)}", body,
                                  timeout=2)
 
-    async def _release(self, pull: _Pull) -> None:
+    def _release(self, pull: _Pull) -> None:
         """Hand back (NAK) what this worker holds of a partition another worker now serves."""
         had = pull.pin
         pull.pin = ""
@@ -507,8 +561,7 @@ class NatsTransport:
             del self._held[h.seq]
             h.released = True
             self._released[h.seq] = h
-            with contextlib.suppress(Exception):
-                await h.msg.nak()
+        self._settle(mine, b"-NAK")
         if had or mine:
             log.warning("nats: partition %d is pinned to another client now (another worker "
                         "with index %d, or this one was away over ack_wait_s, or the server "
@@ -531,14 +584,18 @@ class NatsTransport:
                     # Beside the keeper: its requests wait out timeouts while JetStream
                     # elects leaders, and progress notes and pulls must go on meanwhile.
                     self._setting_up = asyncio.create_task(self._set_up_again())
-                for h in list(self._held.values()):
-                    if now - h.at > note_after:
-                        h.at = now
-                        await h.msg.in_progress()
+                noted = [h for h in self._held.values() if now - h.at > note_after]
+                for h in noted:
+                    h.at = now
+                self._settle(noted, b"+WPI")
+                late = now - self.cfg.publish_timeout_s
+                for pub in list(self._inflight.values()):
+                    if pub.sent < late and pub.retry is None:
+                        self._send(pub)  # no PubAck in time: lost on the way, or refused
                 for pull in self._pulls.values():
                     if pull.outstanding and now - pull.seen > 3 * self._heartbeat:
                         pull.outstanding = 0  # no heartbeat: the request died with a server
-                    await self._pull(pull)
+                    self._pull(pull)
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # try again at the next tick
@@ -560,9 +617,17 @@ class NatsTransport:
         assert nc is not None, "use 'async with transport'"
         if topic == self.t_action:
             key = dedup if dedup is not None else ""
-            subject = f"{self._action_in}.{subject_token(key.split('|', 1)[0])}"
-            pub = _Pub(subject, payload, {"Nats-Msg-Id": key} if key else {})
-            await self._send(pub)
+            self._pub_ids += 1
+            pid = self._pub_ids
+            # A reply subject of its own: the PubAck finds its action without a future.
+            reply = b"%s%d" % (self._puback_prefix.encode(), pid)
+            head = b"NATS/1.0\r\nNats-Msg-Id: %s\r\n\r\n" % key.encode() if key else b""
+            wire = b"HPUB %s %s %d %d\r\n%s%s\r\n" % (
+                self._action(key), reply, len(head), len(head) + len(payload), head, payload)
+            pub = _Pub(wire)
+            self._inflight[pid] = pub
+            self._drained.clear()
+            self._send(pub)
             self._unconfirmed.append(pub)
             return True
         if topic == self.t_evolution:
@@ -579,70 +644,82 @@ class NatsTransport:
             self._trouble("publish", "cannot publish on %s: %r", topic, e)
             return False
 
-    async def _send(self, pub: _Pub) -> None:
-        js = self._js
-        assert js is not None
-        self._inflight.add(pub)
+    def _action(self, key: str) -> bytes:
+        """The action stream's subject for a step key (its first value, made a token)."""
+        token = key.split("|", 1)[0]
+        subject = self._action_subject.get(token)
+        if subject is None:
+            if len(self._action_subject) >= 4096:
+                self._action_subject.clear()
+            subject = f"{self._action_in}.{subject_token(token)}".encode()
+            self._action_subject[token] = subject
+        return subject
+
+    def _send(self, pub: _Pub) -> None:
+        """Send (again) an action; the keeper sends it again if no PubAck comes in time."""
+        pub.retry = None
+        pub.sent = time.monotonic()
+        nc = self._nc
+        assert nc is not None
         try:
-            pub.future = await js.publish_async(pub.subject, pub.payload, headers=pub.headers,
-                                                stream=self.cfg.action_stream)
-        except Exception as e:  # disconnected and buffer full: sent again
-            pub.future = None
+            nc.write(pub.wire)
+        except Exception as e:  # disconnected and buffer full: the keeper sends it again
             self._trouble("send", "action not sent (%r); will retry", e)
 
     async def settle(self, tokens: list[Any]) -> None:
         pubs, self._unconfirmed = self._unconfirmed, []
-        if pubs:
-            # Acknowledge only once every action published before is stored.
-            self._spawn(self._commit(pubs, tokens))
-        else:
-            await self._ack(tokens)
+        # Acknowledge only once every action published before is stored.
+        waiting = [p for p in pubs if not p.stored]
+        if not waiting:
+            self._ack(tokens)
+            return
+        commit = _Commit(tokens, len(waiting))
+        for p in waiting:
+            p.commit = commit
 
-    async def _commit(self, pubs: list[_Pub], tokens: list[Any]) -> None:
-        if await self._confirm(pubs):
-            await self._ack(tokens)
+    def _on_puback(self, subject: bytes, reply: bytes, data: bytes,
+                   headers: bytes | None) -> None:
+        pid = _last_int(subject)
+        pub = self._inflight.get(pid)
+        if pub is None:
+            return  # the PubAck of a second send: the first one's came already
+        if not data:  # a status: 503, the stream has no leader (an election) or is gone
+            self._need_setup = True
+            self._refused_action(pub, "no responders (the action stream has no leader?)")
+            return
+        try:
+            answer = orjson.loads(data)
+            error = answer.get("error")
+        except (orjson.JSONDecodeError, AttributeError):
+            answer, error = {}, f"not a PubAck: {data[:80]!r}"
+        if error:
+            self._refused_action(pub, error)
+            return
+        del self._inflight[pid]
+        if pub.retry is not None:
+            pub.retry.cancel()
+        if answer.get("duplicate"):
+            self.duplicates += 1
+        pub.stored = True
+        commit = pub.commit
+        if commit is not None:
+            commit.left -= 1
+            if not commit.left:
+                self._ack(commit.tokens)
+        if not self._inflight:
+            self._drained.set()
 
-    async def _confirm(self, pubs: list[_Pub]) -> bool:
-        """Wait for the PubAcks, sending again what got none; False when closing first."""
-        delay = 0.05
-        while True:
-            futures = [p.future for p in pubs if p.future is not None]
-            if futures:
-                await asyncio.wait(futures, timeout=self.cfg.publish_timeout_s)
-            retry = []
-            for p in pubs:
-                f = p.future
-                if f is None or not f.done() or f.cancelled():
-                    if f is not None:
-                        f.cancel()  # frees its slot among publish_async's pending
-                    retry.append(p)
-                    continue
-                e = f.exception()
-                if e is None:
-                    if f.result().duplicate:
-                        self.duplicates += 1
-                    self._inflight.discard(p)
-                    continue
-                if isinstance(e, NoStreamResponseError):
-                    self._need_setup = True
-                self._trouble("pubfail", "action not stored (%r); will retry", e)
-                retry.append(p)
-            if not retry:
-                return True
-            if self._closing and time.monotonic() > self._give_up_at:
-                self._inflight.difference_update(pubs)
-                return False
-            # Short pauses: a stream without a leader refuses at once (no responders) until
-            # its election ends, and the action should be stored right after it.
-            await asyncio.sleep(delay)
-            delay = min(2 * delay, RESEND_MAX_S)
-            for p in retry:
-                await self._send(p)
-            pubs = retry
+    def _refused_action(self, pub: _Pub, why: Any) -> None:
+        """Send again soon: a stream without a leader refuses at once until its election
+        ends, and the action should be stored right after it."""
+        self._trouble("pubfail", "action not stored (%s); will retry", why)
+        if pub.retry is None:
+            pub.retry = asyncio.get_running_loop().call_later(pub.delay, self._send, pub)
+            pub.delay = min(2 * pub.delay, RESEND_MAX_S)
 
-    async def _ack(self, tokens: list[Any]) -> None:
+    def _ack(self, tokens: list[Any]) -> None:
         held = self._held
-        msgs: list[Msg] = []
+        acked: list[_Held] = []
         for t in tokens:
             seq = t.seq
             if t.released:
@@ -650,63 +727,51 @@ class NatsTransport:
                 continue
             if held.get(seq) is t:
                 del held[seq]
-            msgs.append(t.msg)
-        if msgs:
-            try:
-                await self._send_acks(msgs)
-            except Exception as e:  # redelivered later; then late or a duplicate
-                self._trouble("ack", "ack not sent (%r)", e)
+            acked.append(t)
+        self._settle(acked, b"")
 
-    async def _send_acks(self, msgs: list[Msg]) -> None:
-        """Acknowledge (explicitly, one ack each) a burst's messages in one write.
+    def _settle(self, tokens: list[_Held], verb: bytes) -> None:
+        """Ack (empty), NAK, progress or TERM these deliveries, all in one write.
 
-        The same bytes as `msg.ack()` for each (an empty PUB to its reply subject), but
-        queued on the connection at once and flushed once: one publish per message cost the
-        worker more CPU than the rest of the NATS path. Falls back to `msg.ack()` where the
-        client has not these internals.
+        The same bytes as nats-py's `msg.ack()` and the like for each, queued at once and
+        flushed once: one publish per message cost the worker more CPU than the rest of
+        the NATS path.
         """
         nc = self._nc
-        send = getattr(nc, "_send_command", None)
-        flush = getattr(nc, "_flush_pending", None)
-        if nc is None or send is None or flush is None or not nc.is_connected:
-            for m in msgs:
-                await m.ack()
+        if not tokens or nc is None:
             return
-        await send(b"".join([b"PUB " + m.reply.encode() + b" 0\r\n\r\n" for m in msgs]))
-        for m in msgs:
-            m._ackd = True
-        queue = getattr(nc, "_flush_queue", None)
-        if queue is None or queue.empty():  # else a flush is on its way already
-            await flush()
+        line = b" %d\r\n%s\r\n" % (len(verb), verb)
+        try:
+            nc.write(b"".join([b"PUB " + t.reply + line for t in tokens]))
+        except Exception as e:  # redelivered later; then late or a duplicate
+            self._trouble("ack", "%r not sent (%r)", verb or b"ack", e)
 
-    async def _dead_letter(self, msg: Msg, seq: int, delivered: int) -> None:
+    async def _dead_letter(self, subject: str, data: bytes, reply: bytes, seq: int,
+                           delivered: int) -> None:
         n = self.cfg
         self.dead_letters += 1
         log.warning("nats: dead letter: %s (stream %s seq %d) delivered %d times, "
-                    "max_deliver=%d%s", msg.subject, n.stream, seq, delivered, n.max_deliver,
+                    "max_deliver=%d%s", subject, n.stream, seq, delivered, n.max_deliver,
                     f"; copied to {n.dead_letter_subject}" if n.dead_letter_subject else "")
         if n.dead_letter_subject:
-            headers = {"Nats-Msg-Id": f"{n.stream}:{seq}", "Swarm-Subject": msg.subject,
+            headers = {"Nats-Msg-Id": f"{n.stream}:{seq}", "Swarm-Subject": subject,
                        "Swarm-Stream-Seq": str(seq), "Swarm-Deliveries": str(delivered)}
             js, nc = self._js, self._nc
             assert js is not None and nc is not None
             while True:
                 try:
                     if n.dead_letter_stream:
-                        await js.publish(n.dead_letter_subject, msg.data, headers=headers,
+                        await js.publish(n.dead_letter_subject, data, headers=headers,
                                          stream=n.dead_letter_stream)
                     else:
-                        await nc.publish(n.dead_letter_subject, msg.data, headers=headers)
+                        await nc.publish(n.dead_letter_subject, data, headers=headers)
                     break
                 except Exception as e:
                     if self._closing:
                         return  # not terminated: it comes back, and is dead-lettered then
                     self._trouble("dead", "dead letter not stored (%r); will retry", e)
                     await asyncio.sleep(1.0)
-        try:
-            await msg.term()
-        except Exception as e:
-            self._trouble("ack", "term not sent (%r)", e)
+        self._settle([_Held(reply, seq, 0.0, -1)], b"+TERM")
 
     def stamp(self, topic: str) -> dict[str, Any] | None:
         return None
@@ -760,19 +825,28 @@ class NatsTransport:
         self.ready = False
 
 
-def _ack_fields(reply: str) -> tuple[str, int, int]:
+def _ack_fields(reply: bytes) -> tuple[bytes, int, int]:
     """(consumer, delivery count, stream sequence) from a JetStream message's reply subject.
 
     `$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<time>.<pending>`,
     or the newer form with `<domain>.<account hash>` after ACK and a token at the end.
     """
-    t = reply.split(".")
+    t = reply.split(b".")
     i = 3 if len(t) == 9 else 5
     return t[i], int(t[i + 1]), int(t[i + 2])
 
 
-def _last_int(subject: str) -> int:
+def _header(raw: bytes, name: bytes) -> str:
+    """One header's value from a message's raw headers ("" when absent)."""
+    for line in raw.split(b"\r\n")[1:]:
+        key, sep, value = line.partition(b":")
+        if sep and key.strip() == name:
+            return value.strip().decode("utf-8", "replace")
+    return ""
+
+
+def _last_int(subject: bytes) -> int:
     try:
-        return int(subject.rsplit(".", 1)[1])
+        return int(subject.rsplit(b".", 1)[1])
     except (IndexError, ValueError):
         return -1
