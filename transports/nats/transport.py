@@ -19,6 +19,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext, api
+from nats.protocol.parser import AWAITING_CONTROL_LINE, Parser
 
 from processor.config import Config
 from processor.errors import ConfigError
@@ -67,6 +68,7 @@ class _Client(Client):
     def __init__(self) -> None:
         super().__init__()
         self._direct: dict[int, Handler] = {}
+        self._ps = _Parser(self)
 
     def direct(self, sub: Subscription, handler: Handler) -> None:
         self._direct[sub._id] = handler
@@ -92,6 +94,43 @@ class _Client(Client):
         if (self.is_connected and queue is not None and queue.empty()
                 and self._flusher_task is not None and not self._flusher_task.done()):
             queue.put_nowait(asyncio.get_running_loop().create_future())
+
+
+class _Parser(Parser):
+    """nats-py's parser, with MSG and HMSG read by splitting their line (no regex) and the
+    buffer cut once per read rather than once per message; whatever else comes (INFO, PING,
+    -ERR, a message cut by the read) goes on to nats-py's own parse."""
+
+    async def parse(self, data: bytes = b"") -> None:
+        buf = self.buf
+        buf.extend(data)
+        pos, size = 0, len(buf)
+        process = self.nc._process_msg
+        while self.state == AWAITING_CONTROL_LINE and pos < size:
+            headers = buf.startswith(b"HMSG ", pos)
+            if not headers and not buf.startswith(b"MSG ", pos):
+                break
+            end = buf.find(b"\r\n", pos)
+            if end < 0:
+                break
+            # [H]MSG <subject> <sid> [<reply>] [<header bytes>] <total bytes>
+            args = buf[pos:end].split()
+            n = len(args) - headers  # 5 with a reply subject, 4 without
+            if n not in (4, 5):
+                break  # malformed: nats-py's parse says so
+            hlen = int(args[-2]) if headers else 0
+            total = int(args[-1])
+            start = end + 2
+            if size < start + total + 2:
+                break  # not all here yet
+            pos = start + total + 2
+            await process(int(args[2]), bytes(args[1]), bytes(args[3]) if n == 5 else b"",
+                          bytes(buf[start + hlen:start + total]),
+                          bytes(buf[start:start + hlen]) if hlen else None)
+        if pos:
+            del buf[:pos]
+        if buf:
+            await super().parse()
 
 
 class _Held:
