@@ -47,6 +47,10 @@ LEADERLESS_RETRY_S = 0.2
 # ... and only after this long without a leader is the consumer thought gone and made again.
 LEADERLESS_SETUP_S = 20.0
 RESEND_MAX_S = 0.25      # the longest pause between two sends of an action not yet stored
+# Acknowledgements, and pull requests while half a batch is still on its way, wait this long
+# at most for the next write (the next burst's actions) to go with: fewer sends, and fewer
+# wake-ups of the server.
+LATER_S = 0.02
 LOG_EVERY_S = 5.0        # at most one line per kind of trouble in this interval
 
 
@@ -75,21 +79,25 @@ class _Client(Client):
 
     async def _process_msg(self, sid: int, subject: bytes, reply: bytes, data: bytes,
                            headers: bytes | None) -> None:
-        handler = self._direct.get(sid)
+        handler = self._direct.get(sid)  # (_Parser calls it itself)
         if handler is None:
             await super()._process_msg(sid, subject, reply, data, headers)  # type: ignore[arg-type]
             return
-        self.stats["in_msgs"] += 1
-        self.stats["in_bytes"] += len(data)
         handler(subject, reply, data, headers)
 
-    def write(self, cmd: bytes) -> None:
-        """Queue protocol bytes (kept across a reconnect, as publish does); flush soon."""
+    def write(self, cmd: bytes, flush: bool = True) -> None:
+        """Queue protocol bytes (kept across a reconnect, as publish does); flush soon, or
+        (flush=False) with whatever is written next."""
         if not self.is_connected and (self._max_pending_size <= 0 or len(cmd)
                                       + self._pending_data_size > self._max_pending_size):
             raise errors.OutboundBufferLimitError
         self._pending.append(cmd)
         self._pending_data_size += len(cmd)
+        if flush:
+            self.kick()
+
+    def kick(self) -> None:
+        """Have the flusher write what is queued."""
         queue = self._flush_queue
         if (self.is_connected and queue is not None and queue.empty()
                 and self._flusher_task is not None and not self._flusher_task.done()):
@@ -98,38 +106,54 @@ class _Client(Client):
 
 class _Parser(Parser):
     """nats-py's parser, with MSG and HMSG read by splitting their line (no regex) and the
-    buffer cut once per read rather than once per message; whatever else comes (INFO, PING,
-    -ERR, a message cut by the read) goes on to nats-py's own parse."""
+    buffer cut once per read rather than once per message (one cut by the read waits for
+    the rest); whatever else comes (INFO, PING, -ERR) goes on to nats-py's own parse."""
 
     async def parse(self, data: bytes = b"") -> None:
         buf = self.buf
         buf.extend(data)
-        pos, size = 0, len(buf)
-        process = self.nc._process_msg
-        while self.state == AWAITING_CONTROL_LINE and pos < size:
-            headers = buf.startswith(b"HMSG ", pos)
-            if not headers and not buf.startswith(b"MSG ", pos):
+        if self.state != AWAITING_CONTROL_LINE:  # nats-py's parse is in a message
+            await super().parse()
+            return
+        raw = bytes(buf)  # one copy per read; then each message is one slice of it
+        pos, size = 0, len(raw)
+        nc = self.nc
+        direct = nc._direct
+        other = False
+        while pos < size:
+            if raw.startswith(b"HMSG ", pos):
+                headers = 1
+            elif raw.startswith(b"MSG ", pos):
+                headers = 0
+            else:
+                other = True
                 break
-            end = buf.find(b"\r\n", pos)
+            end = raw.find(b"\r\n", pos)
             if end < 0:
-                break
+                break  # not all here yet
             # [H]MSG <subject> <sid> [<reply>] [<header bytes>] <total bytes>
-            args = buf[pos:end].split()
+            args = raw[pos:end].split()
             n = len(args) - headers  # 5 with a reply subject, 4 without
             if n not in (4, 5):
-                break  # malformed: nats-py's parse says so
+                other = True  # malformed: nats-py's parse says so
+                break
             hlen = int(args[-2]) if headers else 0
-            total = int(args[-1])
             start = end + 2
-            if size < start + total + 2:
+            stop = start + int(args[-1])
+            if size < stop + 2:
                 break  # not all here yet
-            pos = start + total + 2
-            await process(int(args[2]), bytes(args[1]), bytes(args[3]) if n == 5 else b"",
-                          bytes(buf[start + hlen:start + total]),
-                          bytes(buf[start:start + hlen]) if hlen else None)
+            pos = stop + 2
+            sid = int(args[2])
+            reply = args[3] if n == 5 else b""
+            head = raw[start:start + hlen] if hlen else None
+            handler = direct.get(sid)
+            if handler is not None:
+                handler(args[1], reply, raw[start + hlen:stop], head)
+            else:
+                await nc._process_msg(sid, args[1], reply, raw[start + hlen:stop], head)
         if pos:
             del buf[:pos]
-        if buf:
+        if other:
             await super().parse()
 
 
@@ -217,6 +241,7 @@ class NatsTransport:
         self._by_consumer: dict[bytes, _Pull] = {}
         self._unconfirmed: list[_Pub] = []
         self._inflight: dict[int, _Pub] = {}  # actions sent, PubAck not yet seen, by id
+        self._later: asyncio.TimerHandle | None = None
         self._drained = asyncio.Event()  # no action waits for its PubAck
         self._drained.set()
         self._pub_ids = 0
@@ -365,6 +390,9 @@ class NatsTransport:
                      self.dead_letters, self.duplicates)
 
     async def _stop_background(self) -> None:
+        if self._later is not None:  # the close's flush sends them
+            self._later.cancel()
+            self._later = None
         for pull in self._pulls.values():
             if pull.retry is not None:
                 pull.retry.cancel()
@@ -410,7 +438,8 @@ class NatsTransport:
             return
         pull = self._by_consumer.get(consumer)
         if pull is not None:
-            pull.outstanding = max(0, pull.outstanding - 1)
+            if pull.outstanding:
+                pull.outstanding -= 1
             pull.seen = now
             pull.leaderless = 0.0
             if headers and not pull.pin:
@@ -572,11 +601,15 @@ class NatsTransport:
         body = orjson.dumps(request)
         log.debug("nats: partition %d: pull %d (pin %r, %d asked before)", pull.partition,
                   want, pull.pin, pull.outstanding)
+        # Nothing on its way: asked now; else with the next write (see LATER_S).
+        now = not pull.outstanding
         pull.outstanding += want
         pull.seen = time.monotonic()
         try:
             nc.write(b"PUB %s %s %d\r\n%s\r\n" % (pull.next_subject.encode(),
-                                                     pull.inbox.encode(), len(body), body))
+                                                     pull.inbox.encode(), len(body), body), now)
+            if not now:
+                self._flush_later()
         except Exception as e:  # disconnected: the keeper asks again
             pull.outstanding -= want
             self._trouble("pull", "cannot pull: %r", e)
@@ -767,9 +800,21 @@ class NatsTransport:
             if held.get(seq) is t:
                 del held[seq]
             acked.append(t)
-        self._settle(acked, b"")
+        if acked:
+            self._settle(acked, b"", flush=False)
+            self._flush_later()
 
-    def _settle(self, tokens: list[_Held], verb: bytes) -> None:
+    def _flush_later(self) -> None:
+        """Have what is queued written within LATER_S, if nothing writes it before."""
+        if self._later is None:
+            self._later = asyncio.get_running_loop().call_later(LATER_S, self._flush_now)
+
+    def _flush_now(self) -> None:
+        self._later = None
+        if self._nc is not None:
+            self._nc.kick()
+
+    def _settle(self, tokens: list[_Held], verb: bytes, flush: bool = True) -> None:
         """Ack (empty), NAK, progress or TERM these deliveries, all in one write.
 
         The same bytes as nats-py's `msg.ack()` and the like for each, queued at once and
@@ -781,7 +826,7 @@ class NatsTransport:
             return
         line = b" %d\r\n%s\r\n" % (len(verb), verb)
         try:
-            nc.write(b"".join([b"PUB " + t.reply + line for t in tokens]))
+            nc.write(b"".join([b"PUB " + t.reply + line for t in tokens]), flush)
         except Exception as e:  # redelivered later; then late or a duplicate
             self._trouble("ack", "%r not sent (%r)", verb or b"ack", e)
 
