@@ -261,6 +261,23 @@ async def test_bad_input_is_counted_acknowledged_and_valid_steps_keep_flowing(se
         assert proc.poll() is None
 
 
+async def test_a_line_break_in_a_step_key_adds_no_header_to_the_action(server):
+    """The step key goes into the action's Nats-Msg-Id header: a peer's line break in it
+    is a space there, as nats-py writes header values, not a header of the peer's."""
+    step = "7\r\nNats-Expected-Stream: ELSEWHERE"
+    async with Swarm(server.url) as swarm:
+        with nats_worker(server.url, 0, 1, window__models=2) as w:
+            assert await swarm.wait(lambda: _stream(swarm), 20)
+            for m, x in (("p", [1.0, 0.0]), ("q", [2.0, 0.0])):
+                await swarm.send("envN", {"LOGITS": x, "COMPONENT_ID": m, "ENV_ID": "envN",
+                                          "STEP": step})
+            assert await swarm.wait(lambda: ("envN", step) in swarm.live, 20), output(w)
+            stored = await swarm.js.get_msg("SWARM_ACTIONS", 1)
+            assert stored.headers["Nats-Msg-Id"] == f"envN|{step}".replace("\r\n", "  ")
+            assert "ELSEWHERE" not in stored.headers.get("Nats-Expected-Stream", "")
+            assert await swarm.wait(swarm.drained, 10)
+
+
 async def _stream(swarm: Swarm) -> bool:
     try:
         await swarm.js.stream_info("SWARM_ACTIONS")
@@ -295,6 +312,37 @@ async def test_a_message_past_max_deliver_goes_to_dead_letters(server):
             assert await swarm.wait(lambda: ("envD", 1) in swarm.live, 20)
             assert swarm.live[("envD", 1)][0]["ACTION"] == [1]
         assert "dead letter" in output(again)
+
+
+async def test_actions_refused_keep_their_logits_held_until_stored_once(server):
+    """The action stream gone (deleted here; on a cluster, electing a leader): the worker's
+    actions are refused (no responders) and sent again, their windows' messages stay
+    unacknowledged; once the stream is back each action is stored once, and only then is
+    every message acknowledged."""
+    await tnats.setup(config(server.url, partitions=2))
+    envs = [f"env{i}" for i in range(6)]
+    xs = logits(np.random.default_rng(5), envs, 4)   # 24 steps
+    later = {k: v for k, v in xs.items() if k[1] >= 1}
+    keys = {"window__models": MODELS, "transport__nats__partitions": 2,
+            "transport__nats__create": False}  # the operator makes the streams here
+    async with Swarm(server.url) as swarm:
+        with nats_worker(server.url, 0, 1, **keys) as w:
+            for e in envs:
+                await swarm.step(e, 0, xs[(e, 0)])
+            assert await swarm.wait(lambda: len(swarm.live) >= len(envs), 30)
+            await swarm.js.delete_stream("SWARM_ACTIONS")
+            for s in range(1, 4):
+                for e in envs:
+                    await swarm.step(e, s, xs[(e, s)])
+            # delivered and aggregated, the actions refused: nothing acknowledged
+            assert await swarm.wait(lambda: held(swarm, {0, 1}, MODELS * len(later)), 30)
+            await tnats.setup(config(server.url, partitions=2))
+            assert await swarm.wait(lambda: _at_least(_count(swarm, "SWARM_ACTIONS"),
+                                                      len(later)), 30), output(w)[-2000:]
+            assert await swarm.wait(swarm.drained, 15)
+            check_actions(await swarm.stored_actions(), later)
+            assert w.poll() is None
+            assert "action not stored" in output(w)
 
 
 async def _count(swarm: Swarm, stream: str) -> int:

@@ -46,6 +46,7 @@ PULL_HEARTBEAT_S = 1.0   # ... and says it is alive this often while idle
 LEADERLESS_RETRY_S = 0.2
 # ... and only after this long without a leader is the consumer thought gone and made again.
 LEADERLESS_SETUP_S = 20.0
+_NEWLINES = str.maketrans({"\r": " ", "\n": " "})
 RESEND_MAX_S = 0.25      # the longest pause between two sends of an action not yet stored
 # Acknowledgements, and pull requests while half a batch is still on its way, wait this long
 # at most for the next write (the next burst's actions) to go with: fewer sends, and fewer
@@ -247,6 +248,7 @@ class NatsTransport:
         self._pub_ids = 0
         self._action_subject: dict[str, bytes] = {}  # HPUB subject by action token (capped)
         self._puback_prefix = ""
+        self._expect = f"NATS/1.0\r\nNats-Expected-Stream: {n.action_stream}\r\n".encode()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._keeper: asyncio.Task[None] | None = None
         self._need_setup = False
@@ -693,7 +695,11 @@ class NatsTransport:
             pid = self._pub_ids
             # A reply subject of its own: the PubAck finds its action without a future.
             reply = b"%s%d" % (self._puback_prefix.encode(), pid)
-            head = b"NATS/1.0\r\nNats-Msg-Id: %s\r\n\r\n" % key.encode() if key else b""
+            # What js.publish(stream=...) sends: stored by that stream or refused.
+            # The id as nats-py would write it (a line break in a key value is a space).
+            mid = key.strip().translate(_NEWLINES).encode()
+            head = self._expect + (b"Nats-Msg-Id: %s\r\n" % mid if mid else b"")
+            head += b"\r\n"
             wire = b"HPUB %s %s %d %d\r\n%s%s\r\n" % (
                 self._action(key), reply, len(head), len(head) + len(payload), head, payload)
             pub = _Pub(wire)
