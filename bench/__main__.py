@@ -28,6 +28,11 @@ Opt-in (only with `--only`; about 2 minutes, most of it waiting on the original 
                     pipeline (environment, 6 models, evolution) with (a) the original
                     server and aggregator, (b) the original server and the worker, (c)
                     our server and the worker: steps/s side by side.
+- nats              NATS JetStream, one worker, beside the worker on ZeroMQ in each repeat
+                    (`bench.nats_bench`, 8 models, A = 18, 64 windows in flight): steps/s,
+                    latency, CPU per step of the worker, the nats-server and the driver;
+                    with --before, the earlier checkout's NATS worker on its own server
+                    (about 30 s a repeat).
 - cartpole          the CartPole example (examples/cartpole_swarm, the rl extra) end to
                     end on ZeroMQ, NATS and swergio: 6 SB3 models trained every 5 steps,
                     steps/s; 16 environments per step, environment steps/s (about 10 minutes).
@@ -57,7 +62,7 @@ from . import report, targets
 from .common import ROOT, Plan
 
 SECTIONS = ("zmq_lockstep", "zmq_pipelined", "swergio_lockstep", "metrics", "kernel", "cost")
-OPT_IN = ("swergio_server", "cartpole")  # run only when named in --only
+OPT_IN = ("swergio_server", "cartpole", "nats")  # run only when named in --only
 DEFAULT_OUT = ROOT / "bench" / "results" / "latest.json"
 
 
@@ -80,6 +85,10 @@ def _runner(name: str) -> Callable[[Plan], dict[str, Any]]:
     if name == "cartpole":
         from .cartpole_bench import section as cartpole_section
         return cartpole_section
+    if name == "nats":
+        from .nats_bench import render, section
+        report.RENDER.setdefault("nats", render)  # its table, beside the others'
+        return section
     if name == "swergio_lockstep":
         from .swergio_bench import lockstep_section as swergio_section
         return swergio_section
@@ -144,7 +153,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="JSON output file (default %(default)s)")
     p.add_argument("--before", type=Path, metavar="DIR",
                    help="a checkout of an earlier commit (`git worktree add DIR REF`): its "
-                        "worker is measured beside this one in the ZeroMQ and cost sections")
+                        "worker is measured beside this one in the ZeroMQ, cost and nats "
+                        "sections")
     args = p.parse_args(argv)
     only = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = [s for s in only if s not in SECTIONS + OPT_IN]

@@ -44,6 +44,9 @@ from typing import Any
 
 import numpy as np
 
+from bench.common import stat
+from bench.report import fig, table
+from bench.targets import NATS_TARGETS
 from processor.apps import processes
 from processor.apps.processes import free_port
 from processor.client import AsyncEnvironment, AsyncModel, AsyncSwarm, NoReply, connect_async
@@ -318,17 +321,6 @@ def ratios(results: list[Result]) -> dict[str, float]:
     return out
 
 
-# (name, goal, at most, at least) of issue 14's NATS targets, by ratio name
-TARGETS = {
-    "worker_cpu_over_zmq": ("NATS worker CPU per step / ZeroMQ's", "<= 1.2x", 1.2, None),
-    "before_worker_cpu_over_zmq": ("  before (--before)", "", None, None),
-    "server_cpu_over_before": ("NATS server CPU per step / before's (--before)", "<= 0.5x",
-                               0.5, None),
-    "steps_over_zmq": ("NATS steps/s, 1 worker / ZeroMQ's", ">= 0.6x", None, 0.6),
-    "before_steps_over_zmq": ("  before (--before)", "", None, None),
-}
-
-
 def section(plan: Any) -> dict[str, Any]:
     """`python -m bench`'s nats section: the 1-worker cases, `plan.repeats` times."""
     # The throughput phase lasts as long as the ZeroMQ sections' pipelined runs (about 5 s
@@ -342,13 +334,33 @@ def section(plan: Any) -> dict[str, Any]:
             "before": plan.before or None,
             "runs": [[asdict(r) for r in rs] for rs in runs],
             "ratios": {k: [rt[k] for rt in map(ratios, runs) if k in rt]
-                       for k in TARGETS}}
+                       for k in NATS_TARGETS}}
+
+
+def render(r: dict[str, Any]) -> list[str]:
+    """The nats section's lines in `python -m bench`'s table."""
+    cases: dict[str, list[dict[str, Any]]] = {}
+    for run_ in r["runs"]:
+        for res in run_:
+            cases.setdefault(f"{res['case']} x{res['workers']}", []).append(res)
+    rows = []
+    for case, rs in cases.items():
+        cpu = {k: stat([x["cpu_ms_per_step"][k] for x in rs])
+               for k in ("worker", "server", "driver") if k in rs[0]["cpu_ms_per_step"]}
+        rows.append([case, fig(stat([x["steps_per_s"] for x in rs])),
+                     fig(stat([x["latency_p50_ms"] for x in rs])),
+                     fig(stat([x["latency_p99_ms"] for x in rs])),
+                     *(fig(cpu.get(k)) for k in ("worker", "server", "driver"))])
+    return [f"nats: M={r['models']}, A={r['actions']}, {r['inflight']} windows in flight "
+            f"(before: {r['before'] or '-'}); CPU in ms per step",
+            *table(["case", "steps/s", "p50 ms", "p99 ms", "worker CPU", "server CPU",
+                    "driver CPU"], rows)]
 
 
 def summarize(runs: list[list[Result]]) -> str:
     lines = []
     per = [ratios(rs) for rs in runs]
-    for k, (name, goal, _, _) in TARGETS.items():
+    for k, (name, goal, _, _) in NATS_TARGETS.items():
         xs = sorted(rt[k] for rt in per if k in rt)
         if not xs:
             continue

@@ -83,11 +83,30 @@ def _cost(cost: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+# Issue 14, point 2 (the nats section, `bench.nats_bench`): the ratio's name there ->
+# (target, goal, at most, at least); ratios taken within each repeat.
+NATS_TARGETS: dict[str, tuple[str, str, float | None, float | None]] = {
+    "worker_cpu_over_zmq": ("NATS worker CPU per step / ZeroMQ's", "<= 1.2x", 1.2, None),
+    "before_worker_cpu_over_zmq": ("  before (--before)", "", None, None),
+    "server_cpu_over_before": ("NATS server CPU per step / before's (--before)", "<= 0.5x",
+                               0.5, None),
+    "steps_over_zmq": ("NATS steps/s, 1 worker / ZeroMQ's", ">= 0.6x", None, 0.6),
+    "before_steps_over_zmq": ("  before (--before)", "", None, None),
+}
+
+
+def _nats(nats: dict[str, Any]) -> list[dict[str, Any]]:
+    ratios = nats.get("ratios", {})
+    return [_row(name, goal, at_most, at_least, _spread(ratios[k]))
+            for k, (name, goal, at_most, at_least) in NATS_TARGETS.items() if ratios.get(k)]
+
+
 def targets(sections: dict[str, Any]) -> list[dict[str, Any]]:
     """The targets found in these sections (a section that did not run adds none)."""
     return (_lockstep(sections.get("zmq_lockstep", {}))
             + _pipelined(sections.get("zmq_pipelined", {}))
-            + _cost(sections.get("cost", {})))
+            + _cost(sections.get("cost", {}))
+            + _nats(sections.get("nats", {})))
 
 
 def _fig(f: dict[str, Any] | None, unit: str) -> str:
