@@ -35,13 +35,16 @@ class Ledger:
         self._answered: OrderedDict[str, dict[str, Any]] = OrderedDict()
         # Models get a slot on first sight; the sums are arrays over slots, so a burst of
         # windows is booked with a few bincounts instead of a loop per model. Slot 0 holds
-        # the overflow; the index is in order of last use (least recent first).
-        self._index: OrderedDict[str, int] = OrderedDict()
+        # the overflow; `_used[i]` is the burst that last credited slot i (the least recent
+        # gives up its slot).
+        self._index: dict[str, int] = {}
         self._size = 1                     # slots in use, overflow included
         self._slot_name: dict[int, str] = {}
         self._credit = np.zeros(64)
         self._taken = np.zeros(64, dtype=np.int64)   # environment steps taken part in
         self._agreed = np.zeros(64, dtype=np.int64)
+        self._used = np.zeros(64, dtype=np.int64)
+        self._burst = 0
         self.steps = 0                     # environment steps decided in this period
         self.missed: dict[str, int] = {}
         self.folded = 0                    # times a model's sums went to the overflow
@@ -52,47 +55,44 @@ class Ledger:
         return list(self._index)
 
     def _ids(self, windows: Iterable[Iterable[str]]) -> np.ndarray:
+        """The slots of the models of these windows, in order (new models get one)."""
         index = self._index
-        touch = index.move_to_end
-        out = []
-        burst: set[int] = set()   # slots booked in this burst: never given up within it
-        for models in windows:
-            for m in models:
-                i = index.get(m)
-                if i is None:
-                    i = self._slot(burst)
-                    if i:
-                        index[m] = i
-                        self._slot_name[i] = m
-                else:
-                    touch(m)
-                burst.add(i)
-                out.append(i)
-        return np.array(out, dtype=np.intp)
+        names = [m for models in windows for m in models]
+        ids = np.array([index.get(m, -1) for m in names], dtype=np.intp)
+        self._burst += 1
+        self._used[ids[ids > 0]] = self._burst  # kept through this burst
+        for k in np.flatnonzero(ids < 0).tolist():  # models without a slot (rare)
+            m = names[k]
+            i = index.get(m)  # (given one earlier in this burst)
+            if i is None:
+                i = self._slot()
+                if i:
+                    index[m] = i
+                    self._slot_name[i] = m
+                    self._used[i] = self._burst
+            ids[k] = i
+        return ids
 
-    def _slot(self, burst: set[int]) -> int:
+    def _slot(self) -> int:
         """A slot for a new model: a new one, or the least recent model's; 0 = overflow."""
         if len(self._index) < self.max_models:
             i = self._size
             self._size += 1
             if i >= len(self._credit):
                 grow = 2 * len(self._credit)
-                self._credit = np.resize(self._credit, grow)
-                self._taken = np.resize(self._taken, grow)
-                self._agreed = np.resize(self._agreed, grow)
-                self._credit[i:] = 0
-                self._taken[i:] = 0
-                self._agreed[i:] = 0
+                for name in ("_credit", "_taken", "_agreed", "_used"):
+                    a = np.resize(getattr(self, name), grow)
+                    a[i:] = 0
+                    setattr(self, name, a)
             return i
-        oldest, i = next(iter(self._index.items()))
-        if i in burst:
-            self.folded += 1
+        i = 1 + int(self._used[1:self._size].argmin())
+        self.folded += 1
+        if self._used[i] == self._burst:
             return 0  # more distinct models in one burst than slots
-        del self._index[oldest]
+        del self._index[self._slot_name.pop(i)]
         for a in (self._credit, self._taken, self._agreed):
             a[0] += a[i]
             a[i] = 0
-        self.folded += 1
         return i
 
     def add_many(self, windows: Sequence[Sequence[str]], credit: np.ndarray,
@@ -179,6 +179,7 @@ class Ledger:
         self._agreed[:] = 0
         self._index.clear()   # every period starts empty: ids of the past hold no memory
         self._slot_name.clear()
+        self._used[:] = 0
         self._size = 1
         self.steps = 0
         self.missed = {}

@@ -14,16 +14,18 @@ only when /metrics is scraped; every other child is bound to its labels once, he
 
 from __future__ import annotations
 
+import itertools
 import threading
+from bisect import bisect_left
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.exposition import make_wsgi_app
-from prometheus_client.metrics_core import CounterMetricFamily, Metric
+from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
 
 from . import __version__
 from .errors import REASONS, ConfigError
@@ -63,6 +65,43 @@ class SumsByLabel:
 
     def describe(self) -> Iterator[Metric]:
         yield CounterMetricFamily(self.name, self.documentation, labels=[self.label])
+
+
+class LatencyHistogram:
+    """A histogram family with one label, kept as plain lists until scraped.
+
+    `observe(label, seconds)` is a bisection and two additions (prometheus_client's own
+    histogram takes a lock and several calls per observation, on the path of every action).
+    The event loop is the only writer; a scrape reads copies, so one scrape may see an
+    observation in `_count` and not yet in `_sum`, never a bucket count that falls.
+    """
+
+    def __init__(self, name: str, documentation: str, label: str, values: Iterable[str],
+                 buckets: Iterable[float]) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.label = label
+        self.bounds = list(buckets)
+        self.counts = {v: [0] * (len(self.bounds) + 1) for v in values}  # last: +Inf
+        self.sums = {v: 0.0 for v in self.counts}
+
+    def observe(self, value: str, seconds: float) -> None:
+        self.counts[value][bisect_left(self.bounds, seconds)] += 1
+        self.sums[value] += seconds
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=[self.label])
+        for value, counts in self.counts.items():
+            counts = list(counts)
+            total = self.sums[value]
+            cumulative = list(itertools.accumulate(counts))
+            buckets = [(repr(float(b)), c) for b, c in zip(self.bounds, cumulative)]
+            buckets.append(("+Inf", cumulative[-1]))
+            family.add_metric([value], buckets, total)
+        yield family
+
+    def describe(self) -> Iterator[Metric]:
+        yield HistogramMetricFamily(self.name, self.documentation, labels=[self.label])
 
 
 class TransportEvents:
@@ -130,10 +169,11 @@ class Metrics:
         self.model_overflow = Counter(f"{PREFIX}_model_label_overflow",
                                       "Models beyond metrics.max_models, counted under "
                                       "model=\"other\".", registry=r)
-        self.latency = Histogram(f"{PREFIX}_step_latency_seconds",
-                                 "From a window's first (since=first) or last (since=last) "
-                                 "message to its action published.", ["since"],
-                                 buckets=LATENCY_BUCKETS, registry=r)
+        self.latency = LatencyHistogram(f"{PREFIX}_step_latency_seconds",
+                                        "From a window's first (since=first) or last "
+                                        "(since=last) message to its action published.",
+                                        "since", ("first", "last"), LATENCY_BUCKETS)
+        r.register(self.latency)
         self.aggregation = Histogram(f"{PREFIX}_aggregation_seconds",
                                      "Time to aggregate one burst of windows, per window.",
                                      buckets=AGGREGATION_BUCKETS, registry=r)
@@ -155,12 +195,8 @@ class Metrics:
         # Children bound once: label lookups stay off the hot path.
         self._rejected = {k: self.rejected.labels(k) for k in REASONS}
         self._windows = {k: self.windows.labels(k) for k in OUTCOMES}
-        self._latency_first = self.latency.labels("first")
-        self._latency_last = self.latency.labels("last")
-        self._observe_first = self._latency_first.observe
-        self._observe_last = self._latency_last.observe
-        self._actions_inc = self.actions.inc
-        self._decisions_inc = self.decisions.inc
+        self._first = self.latency.counts["first"]
+        self._last = self.latency.counts["last"]
         self._labels: dict[str, str] = {}   # model id -> its own label (max_models at most)
         self._named = 0
         self._overflow: OrderedDict[str, None] = OrderedDict()  # under "other", recent last
@@ -182,10 +218,23 @@ class Metrics:
         self._windows[outcome].inc()
 
     def published(self, first_s: float, last_s: float, steps: int) -> None:
-        self._actions_inc()
-        self._decisions_inc(steps)
-        self._observe_first(first_s)
-        self._observe_last(last_s)
+        self.published_many([first_s], [last_s], steps)
+
+    def published_many(self, first_s: Sequence[float], last_s: Sequence[float],
+                       steps: int) -> None:
+        """Actions published: each one's latency since its window's first and last
+        message, and `steps` environment steps decided by each."""
+        n = len(first_s)
+        self.actions.inc(n)
+        self.decisions.inc(n * steps)
+        bounds, h = self.latency.bounds, self.latency
+        first, last = self._first, self._last
+        for s in first_s:
+            first[bisect_left(bounds, s)] += 1
+        for s in last_s:
+            last[bisect_left(bounds, s)] += 1
+        h.sums["first"] += sum(first_s)
+        h.sums["last"] += sum(last_s)
 
     def credit(self, models: Iterable[str], credits: Iterable[float],
                steps: Iterable[int] | None = None, agreed: Iterable[int] | None = None

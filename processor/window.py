@@ -99,11 +99,16 @@ class Windows:
         key = msg.key
         closed: list[Closed] = []
         win = self.open.get(key)
+        model, logits = msg.model, msg.logits
         if win is None:
             win = self._open(msg, now, closed)
         else:
-            self._admit(win, msg)
-        win.models[msg.model] = msg.logits
+            models = win.models
+            # The checks of _admit, only when one of them can fail (or replace).
+            if (model in models or logits.shape != win.shape
+                    or len(models) >= self.max_models):
+                self._admit(win, msg)
+        win.models[model] = logits
         if msg.token is not None:
             if win.tokens is None:
                 win.tokens = []
@@ -111,7 +116,8 @@ class Windows:
         win.deterministic = msg.deterministic
         win.last_at = now
         win.extra = msg.extra  # the last message's ROOT_ID / MODEL_STATUS, as the seed
-        if self._done(win, msg.model, now):
+        expected = self.expected
+        if (len(win.models) >= expected if expected else self._recent(win, model, now)):
             del self.open[key]
             closed.append(self._close(win, COMPLETE))
         return closed
@@ -147,9 +153,9 @@ class Windows:
             raise RejectedError("too_many_models", f"window {win.key!r} already has "
                                 f"{len(win.models)} models (limits.max_models)", msg.model)
 
-    def _done(self, win: Window, model: str, now: float) -> bool:
-        if self.expected:
-            return len(win.models) >= self.expected
+    def _recent(self, win: Window, model: str, now: float) -> bool:
+        """models = 0: whether win holds every model seen within recent_s (after the
+        warm-up); notes that `model` was seen now."""
         seen = self.last_seen
         seen[model] = now
         seen.move_to_end(model)

@@ -246,9 +246,9 @@ class Worker:
                                dtype=np.float32)
         actions, credit, agree = self.strategy.aggregate(x, det, weights)
         aggregated = time.perf_counter()
-        key_fields, acks = self.key_fields, self.acks
+        key_fields, acks, clock = self.key_fields, self.acks, self.clock
         stamp, publish, t_action = self.transport.stamp, self.transport.publish, self.t_action
-        published_at = []
+        first_s, last_s = [], []
         for c, act in zip(group, actions.tolist()):
             win = c.window
             msg: dict[str, Any] = {"ACTION": act}
@@ -263,12 +263,13 @@ class Worker:
             if extra:
                 msg.update(extra)
             await publish(t_action, encode(msg), "|".join(map(str, win.key)) if acks else None)
-            published_at.append(self.clock())
+            now = clock()
+            first_s.append(now - win.first_at)
+            last_s.append(now - win.last_at)
         # The books, once the actions are out.
         metrics = self.metrics
         metrics.aggregation.observe((aggregated - t0) / len(group))
-        for c, now in zip(group, published_at):
-            metrics.published(now - c.window.first_at, now - c.window.last_at, b)
+        metrics.published_many(first_s, last_s, b)
         per_model = self.ledger.add_many([list(c.window.models) for c in group], credit, agree)
         self.published += len(group)
         if per_model:
