@@ -11,7 +11,9 @@ Guarantees
   window is stored in the action stream (PubAck received), or its window is dropped, or the
   message is rejected. A worker that dies (even SIGKILL) leaves its messages unacknowledged:
   JetStream redelivers them `ack_wait_s` later to whichever worker serves that partition
-  next, which rebuilds the windows.
+  next, which rebuilds the windows. (Acknowledgements, one per message, go out with the
+  worker's next write, at most 20 ms after the PubAck: a worker that dies in between only
+  has those windows rebuilt, and their actions are de-duplicated.)
 - Actions: exactly-once effect. Each action carries `Nats-Msg-Id: <step key>` (the key
   values joined by "|"), so the action stream stores a rebuilt window's action only once
   within `duplicate_window_s`. A step key must therefore not repeat within that window
