@@ -387,7 +387,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="the streams' storage (memory: not the default; restarts lose it)")
     p.add_argument("--profile", type=Path, metavar="DIR",
                    help="run the NATS workers under cProfile, stats written to DIR")
-    p.add_argument("--json", help="also write the results to this file")
+    p.add_argument("--json", help="also write the results to this file (a list of cases)")
     args = p.parse_args(argv)
     if args.before is not None:
         args.before = args.before.resolve()
@@ -413,8 +413,10 @@ def main(argv: list[str] | None = None) -> int:
     if table:
         print("targets (issue 14), ratios within each repeat: median [min-max]\n" + table)
     if args.json:
-        Path(args.json).write_text(json.dumps([[asdict(r) for r in rs] for rs in runs],
-                                              indent=1))
+        # One list of cases (what bench.scale reads); with repeats, each tagged with its own.
+        cases = [{**asdict(r), **({"repeat": i + 1} if args.repeats > 1 else {})}
+                 for i, rs in enumerate(runs) for r in rs]
+        Path(args.json).write_text(json.dumps(cases, indent=1))
     return 0
 
 
