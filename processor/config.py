@@ -40,6 +40,9 @@ class ZmqConfig:
     pub_bind: bool = True
     rcvhwm: int = 100_000  # messages queued per peer before ZeroMQ drops (counted by peers)
     sndhwm: int = 100_000
+    # After the queue runs dry, keep polling this long before sleeping, while most recent
+    # waits for a message were that short (lockstep); 0: never (see transports/zeromq.py).
+    spin_us: int = 200
     # CurveZMQ (see `swarm-aggregator keys`): the worker's secret certificate turns it on.
     curve_secret_file: str = ""
     curve_clients_dir: str = ""         # public certificates of the peers let in (bound sockets)
@@ -397,6 +400,7 @@ def _validate_transport(cfg: Config) -> None:
              "transport.zmq.curve_server_public_file",
              "must name the server's public certificate for sockets that connect")
     need(t.zmq.sndhwm >= 0, "transport.zmq.sndhwm", "must be >= 0")
+    need(0 <= t.zmq.spin_us <= 100_000, "transport.zmq.spin_us", "must be 0 to 100000")
 
 def _validate_nats(cfg: Config) -> None:
     need, t, w = _need, cfg.transport, cfg.window

@@ -152,3 +152,53 @@ def test_binary_logits_frames():
                     for r in ("bad_logits", "non_finite", "bad_frame")}
     assert rejected["bad_logits"] == 27 and rejected["non_finite"] == 13
     assert rejected["bad_frame"] == 1
+
+
+def test_the_transport_spins_only_while_messages_follow_each_other_closely():
+    """transport.zmq.spin_us: a lockstep worker polls instead of sleeping while the next
+    message keeps coming within spin_us; once the gaps grow (an idle bus, slow
+    environments) it stops, so an idle worker burns no CPU; spin_us = 0 never spins."""
+    import asyncio
+    import threading
+
+    import zmq
+
+    from processor.config import from_mapping
+    from transports.zeromq import SPIN_MEMORY, ZmqTransport
+
+    async def scenario(spin_us: int) -> list[bool]:
+        cfg = from_mapping({"transport": {"zmq": {"sub": "tcp://127.0.0.1:0",
+                                                  "pub": "tcp://127.0.0.1:0",
+                                                  "spin_us": spin_us}}})
+        seen: list[bool] = []
+        async with ZmqTransport(cfg, lambda reason, detail: None) as t:
+            seen.append(t.spinning)               # no history yet
+            for _ in range(SPIN_MEMORY):          # nothing comes: every wait is long
+                assert await t.receive(0.005) == []
+            seen.append(t.spinning)
+            # A peer that sends every millisecond: each wait ends well within 100 ms.
+            stop = threading.Event()
+
+            def peer() -> None:
+                pub = zmq.Context.instance().socket(zmq.PUB)
+                pub.connect(t.sub_endpoint)
+                while not stop.wait(0.001):
+                    pub.send_multipart([b"logits", b"{}"])
+                pub.close(0)
+
+            thread = threading.Thread(target=peer)
+            thread.start()
+            try:
+                got = 0
+                for _ in range(2000):
+                    got += len(await t.receive(1.0))
+                    if t.spinning and got > SPIN_MEMORY:
+                        break
+                seen.append(t.spinning)
+            finally:
+                stop.set()
+                thread.join(10)
+        return seen
+
+    assert asyncio.run(scenario(100_000)) == [True, False, True]
+    assert asyncio.run(scenario(0)) == [False, False, False]
