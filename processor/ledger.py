@@ -117,7 +117,8 @@ class Ledger:
             self._agreed[:n] += agreed
         self.steps += w * b
         slot_name = self._slot_name
-        out = [(slot_name[i], float(per[i]), int(taken[i]), int(agreed[i]))
+        per_l, taken_l, agreed_l = per.tolist(), taken.tolist(), agreed.tolist()
+        out = [(slot_name[i], per_l[i], taken_l[i], agreed_l[i])
                for i in np.flatnonzero(taken).tolist() if i]
         if taken[0]:
             # The overflow slot holds several models: their own sums, one by one (rare).

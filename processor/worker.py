@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import sys
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -41,7 +42,23 @@ if TYPE_CHECKING:  # the core imports no transport; the interface is only a type
 log = logging.getLogger("swarm_aggregator")
 
 INF = float("inf")
+_LITTLE = sys.byteorder == "little"
 IDLE_WAIT = 0.1  # longest receive wait, so a stop request is noticed promptly
+
+
+def _stack(arrays: list[np.ndarray], shape: tuple[int, int, int, int]) -> np.ndarray:
+    """The windows' (B, A) float32 arrays as one writable (W, M, B, A) array, in one copy.
+
+    Their bytes joined end to end, which costs a quarter of np.concatenate's per-array
+    work; every array the decoder makes is C-contiguous float32 (binary frames' '<f4' is
+    the same type on a little-endian machine): anything else takes np.concatenate.
+    """
+    if _LITTLE:
+        try:
+            return np.frombuffer(bytearray().join(arrays), np.float32).reshape(shape)
+        except (BufferError, TypeError, ValueError):  # (not C-contiguous)
+            pass
+    return np.concatenate(arrays).astype(np.float32, copy=False).reshape(shape)
 
 
 class RateLimitedLog:
@@ -233,9 +250,7 @@ class Worker:
 
     async def _publish_group(self, group: list[Closed], m: int, b: int, a: int) -> None:
         t0 = time.perf_counter()
-        # One copy into (W, M, B, A): concatenate takes the (B, A) arrays as they are.
-        x = np.concatenate([v for c in group for v in c.window.models.values()]).reshape(
-            len(group), m, b, a)
+        x = _stack([v for c in group for v in c.window.models.values()], (len(group), m, b, a))
         default = self.default_det
         det = np.array([default if c.window.deterministic is None else c.window.deterministic
                         for c in group], dtype=bool)
