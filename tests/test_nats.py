@@ -399,6 +399,42 @@ async def test_in_process_stop_hands_open_windows_back_at_once(server):
         assert await swarm.drained()
 
 
+@pytest.mark.parametrize("chunk", [1, 7, 64, 100_000])
+async def test_the_parser_hands_whole_messages_over_however_the_reads_cut_them(chunk):
+    """MSG and HMSG (with and without reply subject and headers, a large one among them)
+    reach the direct handler byte for byte, each as soon as its last byte is read, whatever
+    the reads' boundaries; +OK between them goes through nats-py's own parse."""
+    from transports.nats.transport import _Client
+
+    nc = _Client()
+    got: list[tuple[bytes, bytes, bytes, bytes | None]] = []
+    nc._direct[7] = lambda subject, reply, data, headers: got.append(
+        (subject, reply, data, headers))
+    head = b"NATS/1.0\r\nNats-Msg-Id: a|1\r\n\r\n"
+    big = bytes(range(256)) * 400
+    sent = [(b"logits.1.e", b"$JS.ACK.S.part-1.1.5.5.17.0", b'{"x": 1}', head),
+            (b"evolution", b"", big, None),
+            (b"_INBOX.x.ack.3", b"", b'{"stream":"A","seq":9}', None),
+            (b"logits.2.e", b"", b"", head)]
+    wire = b""
+    ends = []  # where each message's bytes end on the wire
+    for subject, reply, data, headers in sent:
+        if headers is None:
+            wire += b"MSG %s 7 %s%d\r\n%s\r\n" % (subject, reply + b" " if reply else b"",
+                                                    len(data), data)
+        else:
+            wire += b"HMSG %s 7 %s%d %d\r\n%s%s\r\n" % (
+                subject, reply + b" " if reply else b"", len(headers),
+                len(headers) + len(data), headers, data)
+        ends.append(len(wire))
+        wire += b"+OK\r\n"
+    for i in range(0, len(wire), chunk):
+        await nc._ps.parse(wire[i:i + chunk])
+        assert len(got) == sum(1 for e in ends if e <= i + chunk)
+    assert got == sent
+    assert not nc._ps.buf
+
+
 @pytest.mark.parametrize(("keys", "bad"), [
     ({"transport": {"nats": {"servers": ["nats://u:secret@h:4222"]}}}, "transport.nats.servers"),
     ({"window": {"timeout_ms": 0}}, "window.timeout_ms"),

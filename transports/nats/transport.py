@@ -65,9 +65,10 @@ class _Client(Client):
     nats-py makes every message a Msg, parses its headers, queues it and wakes a task that
     awaits the callback: for the deliveries, the PubAcks and the evolution commands the
     worker sees per step, that cost more CPU than the rest of the step. A subscription made
-    `direct` hands the parser's bytes straight to a plain function (which must not raise);
-    everything else (connecting, reconnecting and subscribing again, requests, the JetStream
-    API) stays nats-py's. `write` queues raw protocol bytes and wakes the flusher once.
+    `direct` hands the parser's bytes straight to a plain function (which must not raise;
+    its messages are not counted in `stats`); everything else (connecting, reconnecting and
+    subscribing again, requests, the JetStream API) stays nats-py's. `write` queues raw
+    protocol bytes and wakes the flusher once.
     """
 
     def __init__(self) -> None:
@@ -110,12 +111,21 @@ class _Parser(Parser):
     buffer cut once per read rather than once per message (one cut by the read waits for
     the rest); whatever else comes (INFO, PING, -ERR) goes on to nats-py's own parse."""
 
+    _wait = 0  # bytes the buffer needs before a message is complete (one spans reads)
+
+    def reset(self) -> None:
+        super().reset()
+        self._wait = 0
+
     async def parse(self, data: bytes = b"") -> None:
         buf = self.buf
         buf.extend(data)
         if self.state != AWAITING_CONTROL_LINE:  # nats-py's parse is in a message
             await super().parse()
             return
+        if len(buf) < self._wait:
+            return  # a large message still coming: not copied again at every read
+        self._wait = 0
         raw = bytes(buf)  # one copy per read; then each message is one slice of it
         pos, size = 0, len(raw)
         nc = self.nc
@@ -135,14 +145,16 @@ class _Parser(Parser):
             # [H]MSG <subject> <sid> [<reply>] [<header bytes>] <total bytes>
             args = raw[pos:end].split()
             n = len(args) - headers  # 5 with a reply subject, 4 without
-            if n not in (4, 5):
+            if (n not in (4, 5) or not args[2].isdigit() or not args[-1].isdigit()
+                    or (headers and not args[-2].isdigit())):
                 other = True  # malformed: nats-py's parse says so
                 break
             hlen = int(args[-2]) if headers else 0
             start = end + 2
             stop = start + int(args[-1])
             if size < stop + 2:
-                break  # not all here yet
+                self._wait = stop + 2 - pos  # counted from where the buffer will start
+                break
             pos = stop + 2
             sid = int(args[2])
             reply = args[3] if n == 5 else b""
