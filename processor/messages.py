@@ -46,6 +46,7 @@ class Logits:
 
 F32_MAX = float(np.finfo(np.float32).max)
 _loads = orjson.loads
+_LE_F32 = np.dtype("<f4")
 SMALL_ROW = 256  # longer rows are checked in numpy, where that is cheaper than in Python
 
 
@@ -139,20 +140,21 @@ def decode_binary(meta: bytes, values: bytes, max_bytes: int) -> dict[str, Any]:
     `SHAPE` ([B, A]) in the JSON makes it a batch; without it the values are one row.
     """
     obj = decode_object(meta, max_bytes)
-    if len(values) % 4 or not values:
-        raise DecodeError("bad_logits", f"{len(values)} bytes of values: not float32s",
+    size = len(values)
+    if size & 3 or not size:
+        raise DecodeError("bad_logits", f"{size} bytes of values: not float32s",
                           component_id(obj))
-    n = len(values) // 4
-    shape = obj.pop("SHAPE", None)
-    if shape is None:
-        shape = (1, n)
-    elif not (isinstance(shape, list) and len(shape) == 2
-              and all(v.__class__ is int and v > 0 for v in shape)
-              and shape[0] * shape[1] == n):
-        raise DecodeError("bad_logits", f"SHAPE {shape!r} does not fit {n} values",
-                          component_id(obj))
-    arr = np.ndarray(shape, dtype="<f4", buffer=values)  # a view of the bytes, read-only
-    obj["LOGITS"] = arr
+    n = size >> 2
+    if "SHAPE" not in obj:
+        shape: Any = (1, n)
+    else:
+        shape = obj.pop("SHAPE")
+        if not (isinstance(shape, list) and len(shape) == 2
+                and all(v.__class__ is int and v > 0 for v in shape)
+                and shape[0] * shape[1] == n):
+            raise DecodeError("bad_logits", f"SHAPE {shape!r} does not fit {n} values",
+                              component_id(obj))
+    obj["LOGITS"] = np.ndarray(shape, _LE_F32, values)  # a view of the bytes, read-only
     return obj
 
 
@@ -239,7 +241,10 @@ def parse_logits(obj: dict[str, Any], key_fields: Sequence[str],
             and raw[0].__class__ is not list):
         arr = _short_row(raw, sender, max_actions)  # the common cases, without a detour
     elif raw.__class__ is np.ndarray:  # binary frames: float32 already (decode_binary)
-        arr = _checked(raw, sender, max_actions, max_batch, from_json=False)
+        arr = raw
+        b, a = arr.shape
+        if a > max_actions or b > max_batch or not _all_finite(arr):
+            _checked(raw, sender, max_actions, max_batch, from_json=False)  # raises
     else:
         arr = _array_of(raw, sender, max_actions, max_batch)
     det = obj.get("DETERMINISTIC")

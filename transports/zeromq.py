@@ -215,6 +215,7 @@ class ZmqTransport:
         recv = sub.recv
         topics = self.topics
         max_bytes = self.max_bytes
+        logits = self.logits_topic
         now = time.monotonic()
         while len(out) < BURST:
             try:
@@ -225,7 +226,7 @@ class ZmqTransport:
             if frame is None or frame.more:
                 binary = self._other(recv, first, frame)
                 if binary is not None:
-                    out.append((self.logits_topic, binary, now, None))
+                    out.append((logits, binary, now, None))
                 continue
             # [topic, JSON]: the common case
             topic = topics.get(first.bytes)
@@ -247,15 +248,19 @@ class ZmqTransport:
             if topic is not None:
                 self.on_reject("bad_frame", f"1 frame on topic {topic!r}")
             return None
-        values = last = recv(zmq.NOBLOCK, copy=False)
-        n = 3
-        while last.more:
-            last = recv(zmq.NOBLOCK, copy=False)
-            n += 1
-        if topic is None:
+        values = recv(zmq.NOBLOCK, copy=False)
+        if values.more:
+            n = 3
+            last = values
+            while last.more:
+                last = recv(zmq.NOBLOCK, copy=False)
+                n += 1
+            if topic is not None:
+                self.on_reject("bad_frame", f"{n} frames on topic {topic!r}")
             return None
-        if n > 3 or topic is not self.logits_topic:
-            self.on_reject("bad_frame", f"{n} frames on topic {topic!r}")
+        if topic is not self.logits_topic:
+            if topic is not None:
+                self.on_reject("bad_frame", f"3 frames on topic {topic!r}")
             return None
         meta, data = frame.bytes, values.bytes
         size = len(meta) + len(data)
