@@ -399,6 +399,21 @@ async def test_in_process_stop_hands_open_windows_back_at_once(server):
         assert await swarm.drained()
 
 
+async def test_evolution_messages_past_the_pending_limit_are_dropped(monkeypatch):
+    """Evolution commands (WEIGHTS can be large) wait for the worker up to a byte limit, as
+    nats-py's subscription would hold them; past it they are dropped (core NATS,
+    at-most-once), and taken again once the worker has read what waits."""
+    import transports.nats.transport as transport
+
+    monkeypatch.setattr(transport, "EVOLUTION_PENDING_BYTES", 1000)
+    t = tnats.NatsTransport(config("nats://127.0.0.1:4222"), lambda r, d: None)
+    for body in (b"a" * 400, b"b" * 400, b"c" * 400):
+        t._on_evolution(b"evolution", b"", body, None)
+    assert [e[1][:1] for e in await t.receive(0)] == [b"a", b"b"]
+    t._on_evolution(b"evolution", b"", b"d" * 900, None)
+    assert [e[1][:1] for e in await t.receive(0)] == [b"d"]
+
+
 @pytest.mark.parametrize("chunk", [1, 7, 64, 100_000])
 async def test_the_parser_hands_whole_messages_over_however_the_reads_cut_them(chunk):
     """MSG and HMSG (with and without reply subject and headers, a large one among them)

@@ -53,6 +53,9 @@ RESEND_MAX_S = 0.25      # the longest pause between two sends of an action not 
 # wake-ups of the server.
 LATER_S = 0.02
 LOG_EVERY_S = 5.0        # at most one line per kind of trouble in this interval
+# Evolution commands waiting for the worker past this many bytes are dropped (core NATS is
+# at-most-once; the peer asks again), as nats-py's own subscription limit would.
+EVOLUTION_PENDING_BYTES = 64 * 1024 * 1024
 
 
 # A message as the direct handlers of `_Client` get it: subject, reply, payload, raw headers.
@@ -247,6 +250,7 @@ class NatsTransport:
         self._js: JetStreamContext | None = None
         self._subs: list[Subscription] = []
         self._inbox: collections.deque[Envelope] = collections.deque()
+        self._evolution_bytes = 0  # of the evolution messages in _inbox
         self._wake = asyncio.Event()
         self._held: dict[int, _Held] = {}
         self._released: dict[int, _Held] = {}  # handed back, still in a window here
@@ -433,6 +437,9 @@ class NatsTransport:
                 return []
         n = min(len(inbox), MAX_BURST)
         out = [inbox.popleft() for _ in range(n)]
+        if self._evolution_bytes:
+            evolution = self.t_evolution
+            self._evolution_bytes -= sum(len(e[1]) for e in out if e[0] is evolution)
         if len(inbox) < self._high // 2:
             for pull in self._pulls.values():
                 if pull.outstanding <= self.cfg.pull_batch // 2:
@@ -595,6 +602,11 @@ class NatsTransport:
 
     def _on_evolution(self, subject: bytes, reply: bytes, data: bytes,
                       headers: bytes | None) -> None:
+        if self._evolution_bytes + len(data) > EVOLUTION_PENDING_BYTES:
+            self._trouble("evolution", "evolution message of %d bytes dropped: %d bytes of "
+                          "them wait already", len(data), self._evolution_bytes)
+            return
+        self._evolution_bytes += len(data)
         self._inbox.append((self.t_evolution, data, time.monotonic(), None))
         self._wake.set()
 
