@@ -102,6 +102,14 @@ class Strategy:
         """Windows of one shape: x (W, M, B, A) float32, det (W,) bool, w (W, M) or None.
 
         Returns actions (W, B) int64, credit (W, M, B) float64, agree (W, M, B) bool.
+        """
+        actions, credit = self.decide(x, det, w)
+        return actions, credit, agreement(x, actions)
+
+    def decide(self, x: np.ndarray, det: np.ndarray, w: np.ndarray | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """`aggregate` without the agreement (which the worker works out once the actions
+        are out): actions (W, B) int64 and credit (W, M, B) float64.
 
         torch computes the softmax, as the seed does, so the probabilities are the seed's
         to the bit; what follows (sums over the models, argmax, draws, gathers, divisions)
@@ -139,20 +147,16 @@ class Strategy:
             fallback = weighted[wi, :, bi, actions].transpose(0, 2, 1).astype(np.float64)
             chosen = np.where(total > 0, chosen, fallback)
             total = chosen.sum(axis=1, keepdims=True)
-        credit = chosen / total
-        agree = x.argmax(axis=-1) == actions[:, None, :]                 # (W, M, B)
-        return actions, credit, agree
+        return actions, chosen / total
 
     def _one(self, x: np.ndarray, det: bool, score: np.ndarray, support: np.ndarray
-             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+             ) -> tuple[np.ndarray, np.ndarray]:
         """`aggregate` of one window of one environment (lockstep), for the rules whose
         score sums the support: plain indexing and a scalar total instead of gathers; the
         same values, operation for operation."""
         a = int(score[0, 0].argmax()) if det else int(self.sample(score, support)[0, 0])
         credit = support[0, :, 0, a].astype(np.float64) / float(score[0, 0, a])   # (M,)
-        m = credit.shape[0]
-        agree = x.argmax(axis=-1) == a                                   # (1, M, 1)
-        return np.array([[a]]), credit.reshape(1, m, 1), agree
+        return np.array([[a]]), credit.reshape(1, credit.shape[0], 1)
 
     # score is the sum of support over the models (the credit's denominator is score[a])
     score_sums_support = True
@@ -184,6 +188,13 @@ class Strategy:
         u = self.rng.random(cdf.shape[:-1]) * cdf[..., -1]
         drawn: np.ndarray = np.minimum((cdf <= u[..., None]).sum(axis=-1), cdf.shape[-1] - 1)
         return drawn
+
+
+def agreement(x: np.ndarray, actions: np.ndarray) -> np.ndarray:
+    """(W, M, B) bool: whether model m's own argmax (logits x, (W, M, B, A)) is the action
+    taken (actions, (W, B)); ties in a model's logits go to the lowest index."""
+    agree: np.ndarray = x.argmax(axis=-1) == actions[:, None, :]
+    return agree
 
 
 def _sum_models(v: np.ndarray) -> np.ndarray:

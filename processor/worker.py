@@ -16,12 +16,12 @@ import sys
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
+from .aggregate import agreement, use_one_thread
 from .aggregate import create as create_strategy
-from .aggregate import use_one_thread
 from .config import Config
 from .errors import RejectedError
 from .ledger import Ledger
@@ -55,7 +55,8 @@ def _stack(arrays: list[np.ndarray], shape: tuple[int, int, int, int]) -> np.nda
     """
     if _LITTLE:
         try:
-            return np.frombuffer(bytearray().join(arrays), np.float32).reshape(shape)
+            joined = bytearray().join(cast("list[bytes]", arrays))  # (ndarrays are buffers)
+            return np.frombuffer(joined, np.float32).reshape(shape)
         except (BufferError, TypeError, ValueError):  # (not C-contiguous)
             pass
     return np.concatenate(arrays).astype(np.float32, copy=False).reshape(shape)
@@ -259,7 +260,7 @@ class Worker:
             wt = self.weights
             weights = np.array([[wt.get(k, 1.0) for k in c.window.models] for c in group],
                                dtype=np.float32)
-        actions, credit, agree = self.strategy.aggregate(x, det, weights)
+        actions, credit = self.strategy.decide(x, det, weights)
         aggregated = time.perf_counter()
         key_fields, acks, clock = self.key_fields, self.acks, self.clock
         stamp, publish, t_action = self.transport.stamp, self.transport.publish, self.t_action
@@ -285,7 +286,8 @@ class Worker:
         metrics = self.metrics
         metrics.aggregation.observe((aggregated - t0) / len(group))
         metrics.published_many(first_s, last_s, b)
-        per_model = self.ledger.add_many([list(c.window.models) for c in group], credit, agree)
+        per_model = self.ledger.add_many([list(c.window.models) for c in group], credit,
+                                         agreement(x, actions))
         self.published += len(group)
         if per_model:
             names, credits, steps, agreed = zip(*per_model)
