@@ -60,8 +60,9 @@ def targets_table(result: dict[str, Any]) -> str:
         mark = "" if t["met"] is None or not t["goal"] else (" ✓" if t["met"] else " ✗")
         rows.append([t["target"], t["goal"].replace("<=", "≤").replace(">=", "≥") or "-",
                      _fig(before["figure"], unit, digits) if before else "-",
-                     _fig(t["figure"], unit, digits) + mark])
-    return _md(["target", "goal", "before", "after"], rows)
+                     _fig(t["figure"], unit, digits) + mark,
+                     f"{t['floor']:.2f}x" if t.get("floor") else "-"])
+    return _md(["target", "goal", "before", "after", "floor"], rows)
 
 
 def breakdown_table(result: dict[str, Any]) -> str:
