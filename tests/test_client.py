@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 import pytest
 
 from processor.client import ClientError, NoReply, Swarm, connect, connect_async
@@ -330,3 +331,147 @@ def test_step_keys_are_checked_before_sending() -> None:
 def test_memory_is_not_a_peer_transport() -> None:
     with pytest.raises(ClientError):
         connect(from_mapping({"transport": {"kind": "memory"}}))
+
+
+# -- the NATS link's JetStream publish, against a nats-server alone (no worker) ---------------
+
+
+class Kept:
+    """A Receiver that keeps what the link hands it."""
+
+    def __init__(self) -> None:
+        self.got: list[tuple[str, Any]] = []
+        self.errors: list[BaseException] = []
+
+    def deliver(self, topic: str, payload: Any) -> None:
+        self.got.append((topic, payload))
+
+    def lost(self, error: BaseException) -> None:
+        self.errors.append(error)
+
+
+def nats_link(url: str, send_timeout: float) -> Any:
+    from processor.client._nats import AsyncNatsLink
+
+    cfg = from_mapping({"transport": {"kind": "nats", "nats": {"servers": [url]}},
+                        "window": WINDOW})
+    return AsyncNatsLink(cfg, "test-link", send_timeout=send_timeout)
+
+
+async def nats_admin(url: str) -> Any:
+    import nats
+
+    return await nats.connect(url)
+
+
+async def stored(js: Any, stream: str) -> int:
+    return int((await js.stream_info(stream)).state.messages)
+
+
+LOGITS = {"COMPONENT_ID": "m0", "ENV_ID": "e", "STEP": 1, "LOGITS": [0.5, 1.5]}
+
+
+async def test_nats_logits_refused_by_the_stream_are_not_sent(nats_url: str) -> None:
+    """A PubAck with an error (here: the subject is another stream's than the expected one)
+    is no PubAck: the logits are sent again until the send timeout, then NoReply; once the
+    expected stream takes the subject, the same send returns, and a second send of the same
+    id is stored once."""
+    from nats.js.api import StorageType
+
+    admin = await nats_admin(nats_url)
+    js = admin.jetstream()
+    link = nats_link(nats_url, send_timeout=0.5)
+    try:
+        await js.add_stream(name="OTHER", subjects=["logits.*"], storage=StorageType.MEMORY)
+        await link.open(Kept())
+        with pytest.raises(NoReply, match="not stored"):
+            await link.send_logits("logits", LOGITS, ("e", 1), False)
+        assert await stored(js, "OTHER") == 0
+        await js.delete_stream("OTHER")
+        await js.add_stream(name="SWARM_LOGITS", subjects=["logits.*"],
+                            storage=StorageType.MEMORY)
+        for _ in range(2):
+            await link.send_logits("logits", LOGITS, ("e", 1), False)
+        assert await stored(js, "SWARM_LOGITS") == 1
+        msg = await js.get_msg("SWARM_LOGITS", 1)
+        assert msg.subject == "logits.e"
+        assert msg.headers["Nats-Msg-Id"] == "m0|e|1"
+        assert orjson.loads(msg.data)["LOGITS"] == [0.5, 1.5]
+    finally:
+        await link.close()
+        await admin.close()
+
+
+async def test_nats_a_line_break_in_an_id_or_key_adds_no_header(nats_url: str) -> None:
+    """COMPONENT_ID and step-key values go into Nats-Msg-Id: a CR or LF in them is a space,
+    so no value can end the header line and add a header of its own."""
+    from nats.js.api import StorageType
+
+    admin = await nats_admin(nats_url)
+    js = admin.jetstream()
+    link = nats_link(nats_url, send_timeout=10)
+    try:
+        await js.add_stream(name="SWARM_LOGITS", subjects=["logits.*"],
+                            storage=StorageType.MEMORY)
+        await link.open(Kept())
+        msg = {**LOGITS, "COMPONENT_ID": "m0\r\nX-Injected: 1", "ENV_ID": "e\nX-Key: 2"}
+        await link.send_logits("logits", msg, ("e\nX-Key: 2", 1), False)
+        got = await js.get_msg("SWARM_LOGITS", 1)
+        assert got.subject == "logits.e_X-Key:_2"
+        assert got.headers is not None
+        assert not [h for h in got.headers if h.lower().startswith("x-")], got.headers
+        assert got.headers["Nats-Msg-Id"] == "m0  X-Injected: 1|e X-Key: 2|1"
+    finally:
+        await link.close()
+        await admin.close()
+
+
+async def test_nats_logits_sent_while_the_server_restarts_are_stored_once(
+        tmp_path: Path) -> None:
+    """The link reconnects by itself: logits sent while the server is down are stored once
+    it is back (file storage: the stream lives through the restart), and a plain subscriber
+    of the link hears what is published after it."""
+    from nats.js.api import StorageType
+
+    from tests.nats_helpers import NatsServer
+
+    server = NatsServer(tmp_path / "js").start()
+    link = nats_link(server.url, send_timeout=60)
+    kept = Kept()
+    try:
+        admin = await nats_admin(server.url)
+        await admin.jetstream().add_stream(name="SWARM_LOGITS", subjects=["logits.*"],
+                                           storage=StorageType.FILE)
+        await admin.close()
+        await link.open(kept)
+        await link.join("news")
+        await link.send_logits("logits", LOGITS, ("e", 1), False)
+        server.stop()
+        sends = [asyncio.ensure_future(link.send_logits(
+            "logits", {**LOGITS, "STEP": s}, ("e", s), False)) for s in (2, 3)]
+        await asyncio.sleep(0.2)  # (sent, or waiting to be, while the server is down)
+        server.start()
+        await asyncio.wait_for(asyncio.gather(*sends), 60)
+        admin = await nats_admin(server.url)
+        try:
+            js = admin.jetstream()
+            assert await stored(js, "SWARM_LOGITS") == 3
+            ids = []
+            for seq in (1, 2, 3):
+                headers = (await js.get_msg("SWARM_LOGITS", seq)).headers
+                ids.append(headers["Nats-Msg-Id"] if headers else "")
+            ids.sort()
+            assert ids == ["m0|e|1", "m0|e|2", "m0|e|3"]
+            for _ in range(600):  # the link's subscription is back: it hears a publish
+                await admin.publish("news", b'{"n": 1}')
+                await admin.flush()
+                if kept.got:
+                    break
+                await asyncio.sleep(0.05)
+            assert kept.got[0] == ("news", {"n": 1})
+        finally:
+            await admin.close()
+        assert not kept.errors
+    finally:
+        await link.close()
+        server.stop()

@@ -419,9 +419,7 @@ async def test_the_parser_hands_whole_messages_over_however_the_reads_cut_them(c
     """MSG and HMSG (with and without reply subject and headers, a large one among them)
     reach the direct handler byte for byte, each as soon as its last byte is read, whatever
     the reads' boundaries; +OK between them goes through nats-py's own parse."""
-    from transports.nats.transport import _Client
-
-    nc = _Client()
+    nc = tnats.FastClient()
     got: list[tuple[bytes, bytes, bytes, bytes | None]] = []
     nc._direct[7] = lambda subject, reply, data, headers: got.append(
         (subject, reply, data, headers))

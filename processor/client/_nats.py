@@ -14,6 +14,11 @@ Guarantees
 - Plain publish/subscribe: core NATS subjects, at-most-once. A connection does not hear
   itself (no_echo), as on swergio.
 nats-py reconnects by itself; while it does, sends wait and are retried until their timeout.
+
+The connection is `transports.nats.FastClient`: the PubAcks, actions and evolution replies
+(once per step) go straight from its read loop to plain functions, and a logits message is
+one HPUB written as bytes, each with a reply subject of its own under one PubAck inbox,
+rather than nats-py's Msg, header parsing, callback task and future per message.
 """
 
 from __future__ import annotations
@@ -25,12 +30,11 @@ import time
 from typing import Any
 
 import nats
-from nats.aio.client import Client
-from nats.aio.msg import Msg
+import orjson
 from nats.js import JetStreamContext
 
 from processor.config import Config
-from transports.nats import connect_options, subject_token
+from transports.nats import FastClient, connect_options, header_value, subject_token
 
 from ._core import Body, ClientError, NoReply, Receiver, decode_body, encode_json
 
@@ -71,10 +75,14 @@ class AsyncNatsLink:
         self.name = name
         self.send_timeout = send_timeout
         self.t_action = cfg.topics.action
-        self.nc: Client | None = None
+        self.nc: FastClient | None = None
         self.js: JetStreamContext | None = None
         self.joined: set[str] = set()
         self.receiver: Receiver | None = None
+        self._acks: dict[int, asyncio.Future[None]] = {}  # logits awaiting their PubAck
+        self._pids = 0
+        self._ack_prefix = b""  # the PubAck inbox; a logits message's reply is <prefix><id>
+        self._head = b""  # the headers every logits message carries, up to its Nats-Msg-Id
 
     async def open(self, receiver: Receiver) -> None:
         n = self.cfg.transport.nats
@@ -85,20 +93,59 @@ class AsyncNatsLink:
             log.debug("nats: %r", e)
 
         async def closed() -> None:
+            self._fail_acks()
             if self.receiver is not None:
                 self.receiver.lost(ClientError("the NATS connection is closed"))
 
         options.update(no_echo=True, error_cb=quiet, closed_cb=closed,
                        reconnect_time_wait=min(n.reconnect_wait_s, 0.5))
+        nc = FastClient()
         try:
-            self.nc = await asyncio.wait_for(nats.connect(**options),
-                                             max(n.connect_wait_s, 2.0))
+            await asyncio.wait_for(nc.connect(**options), max(n.connect_wait_s, 2.0))
         except (OSError, TimeoutError, nats.errors.Error) as e:
             raise ClientError(f"no NATS server answered at {', '.join(n.servers)} "
                               f"({e!r})") from None
-        self.js = self.nc.jetstream()
+        self.nc = nc
+        self.js = nc.jetstream()
+        # One subscription for every PubAck (nats-py subscribes it again on a reconnect).
+        inbox = nc.new_inbox()
+        sub = await nc.subscribe(f"{inbox}.*")
+        nc.direct(sub, self._on_puback)
+        self._ack_prefix = f"{inbox}.".encode()
+        # What js.publish(stream=...) sends: stored by that stream or refused.
+        self._head = f"NATS/1.0\r\nNats-Expected-Stream: {n.stream}\r\n".encode()
 
-    def _conn(self) -> Client:
+    def _on_puback(self, subject: bytes, reply: bytes, data: bytes,
+                   headers: bytes | None) -> None:
+        """A PubAck (or the stream's refusal) for the logits message with this id."""
+        try:
+            pid = int(subject.rsplit(b".", 1)[1])
+        except (IndexError, ValueError):
+            return
+        ack = self._acks.get(pid)
+        if ack is None or ack.done():
+            return  # a late answer to an earlier send: the first one's came already
+        if not data:  # a status: 503, no stream takes the subject or it has no leader
+            ack.set_exception(nats.errors.Error(
+                f"not stored: {(headers or b'no answer').splitlines()[0]!r}"))
+            return
+        try:
+            answer = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            answer = None
+        if not isinstance(answer, dict) or "error" in answer or "stream" not in answer:
+            # {"error": {...}} from the stream (say, another stream than expected): not stored
+            ack.set_exception(nats.errors.Error(f"not stored: {data[:200]!r}"))
+            return
+        ack.set_result(None)
+
+    def _fail_acks(self) -> None:
+        """Wake every send awaiting a PubAck (the connection is closed): it says so."""
+        for ack in self._acks.values():
+            if not ack.done():
+                ack.set_exception(nats.errors.ConnectionClosedError())
+
+    def _conn(self) -> FastClient:
         if self.nc is None or self.nc.is_closed:
             raise ClientError("the NATS connection is closed")
         return self.nc
@@ -110,11 +157,17 @@ class AsyncNatsLink:
         self.joined.add(topic)
         subject = f"{topic}.>" if topic == self.t_action else topic
 
-        async def on_msg(msg: Msg) -> None:
+        def on_msg(subject: bytes, reply: bytes, data: bytes, headers: bytes | None) -> None:
+            # In the connection's read loop: must not raise (nats-py would have handed the
+            # error of a callback to error_cb).
             if self.receiver is not None:
-                self.receiver.deliver(topic, decode_body(msg.data))
+                try:
+                    self.receiver.deliver(topic, decode_body(data))
+                except Exception:  # noqa: BLE001 - one message, not the connection
+                    log.exception("nats: delivering a message of %s", topic)
 
-        await nc.subscribe(subject, cb=on_msg, pending_msgs_limit=1_000_000)
+        sub = await nc.subscribe(subject)
+        nc.direct(sub, on_msg)
         # Only once the server has the subscription does it forward what follows.
         await nc.flush(FLUSH_S)
 
@@ -134,22 +187,32 @@ class AsyncNatsLink:
                           binary: bool) -> None:
         # The worker's NATS intake takes JSON: binary float32 logits travel as JSON here.
         nc = self._conn()
-        js = self.js
-        assert js is not None
-        subject = f"{topic}.{subject_token(str(key[0]))}"
+        subject = subject_token(str(key[0])).encode()
         mid = msg_id(str(msg["COMPONENT_ID"]), key)
         data = encode_json(msg)
-        stream = self.cfg.transport.nats.stream
+        self._pids += 1
+        pid = self._pids
+        # A line break in the id (a key value, COMPONENT_ID) is a space: no header added.
+        head = self._head + b"Nats-Msg-Id: %s\r\n\r\n" % header_value(mid)
+        # Every send, first or again, the same bytes: same Nats-Msg-Id, same reply subject.
+        wire = b"HPUB %s.%s %s%d %d %d\r\n%s%s\r\n" % (
+            topic.encode(), subject, self._ack_prefix, pid, len(head), len(head) + len(data),
+            head, data)
+        loop = asyncio.get_running_loop()
         end = time.monotonic() + self.send_timeout
         delay = 0.05
         while True:
             try:
-                # publish_async: one shared reply subscription for every PubAck, where
-                # js.publish would make a request (and an inbox future) of each message.
-                ack = await js.publish_async(subject, data, headers={"Nats-Msg-Id": mid},
-                                             stream=stream)
-                if await _acked(ack, ATTEMPT_S):
-                    return
+                if nc.is_closed:
+                    raise nats.errors.ConnectionClosedError
+                ack: asyncio.Future[None] = loop.create_future()
+                self._acks[pid] = ack
+                try:
+                    nc.write(wire)
+                    if await _acked(ack, ATTEMPT_S):
+                        return
+                finally:
+                    del self._acks[pid]
                 raise TimeoutError("no PubAck")
             except (nats.errors.Error, OSError, TimeoutError) as e:
                 # No PubAck (lost, or the stream has no leader or does not exist yet):
@@ -169,3 +232,4 @@ class AsyncNatsLink:
             with contextlib.suppress(Exception):  # closing anyway
                 await asyncio.wait_for(nc.flush(FLUSH_S), FLUSH_S)
             await nc.close()
+        self._fail_acks()  # sends still waiting: the connection is closed

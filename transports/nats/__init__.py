@@ -1,6 +1,8 @@
 """NATS JetStream transport: scale-out over partitions, nothing lost when a worker dies.
 
-The package: `transport` (the worker's NatsTransport), `topology` (subjects, streams,
+The package: `transport` (the worker's NatsTransport), `client` (`FastClient`, nats-py's
+client with hot subscriptions handled in its read loop: the transport's and the peers'
+library's), `topology` (subjects, streams,
 partitions and consumers), `connection` (connecting: servers, credentials, TLS, refusals),
 `admin` (the operators' helpers: `swarm-aggregator nats setup | get | peek | status |
 drive`, also `python -m transports.nats`). The merge of several workers' evolution replies
@@ -67,9 +69,10 @@ from __future__ import annotations
 from processor.ledger import merge_replies
 
 from .admin import drive, gather, main, setup, status
+from .client import FastClient, header_value
 from .connection import connect_options
 from .topology import partition_of, subject_token
 from .transport import NatsTransport
 
-__all__ = ["NatsTransport", "connect_options", "drive", "gather", "main", "merge_replies",
-           "partition_of", "setup", "status", "subject_token"]
+__all__ = ["FastClient", "NatsTransport", "connect_options", "drive", "gather", "header_value",
+           "main", "merge_replies", "partition_of", "setup", "status", "subject_token"]

@@ -9,22 +9,19 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Self
 
 import orjson
-from nats import errors
-from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext, api
-from nats.protocol.parser import AWAITING_CONTROL_LINE, Parser
 
 from processor.config import Config
 from processor.errors import ConfigError
 
 from ..base import MAX_BURST, Envelope, RejectHook
+from .client import FastClient, header_value
 from .connection import connect_options, refusal, refused_error
 from .topology import (
     INTERNAL,
@@ -46,7 +43,6 @@ PULL_HEARTBEAT_S = 1.0   # ... and says it is alive this often while idle
 LEADERLESS_RETRY_S = 0.2
 # ... and only after this long without a leader is the consumer thought gone and made again.
 LEADERLESS_SETUP_S = 20.0
-_NEWLINES = str.maketrans({"\r": " ", "\n": " "})
 RESEND_MAX_S = 0.25      # the longest pause between two sends of an action not yet stored
 # Acknowledgements, and pull requests while half a batch is still on its way, wait this long
 # at most for the next write (the next burst's actions) to go with: fewer sends, and fewer
@@ -56,121 +52,6 @@ LOG_EVERY_S = 5.0        # at most one line per kind of trouble in this interval
 # Evolution commands waiting for the worker past this many bytes are dropped (core NATS is
 # at-most-once; the peer asks again), as nats-py's own subscription limit would.
 EVOLUTION_PENDING_BYTES = 64 * 1024 * 1024
-
-
-# A message as the direct handlers of `_Client` get it: subject, reply, payload, raw headers.
-Handler = Callable[[bytes, bytes, bytes, bytes | None], None]
-
-
-class _Client(Client):
-    """nats-py's client, with the worker's hot subscriptions handled synchronously.
-
-    nats-py makes every message a Msg, parses its headers, queues it and wakes a task that
-    awaits the callback: for the deliveries, the PubAcks and the evolution commands the
-    worker sees per step, that cost more CPU than the rest of the step. A subscription made
-    `direct` hands the parser's bytes straight to a plain function (which must not raise;
-    its messages are not counted in `stats`); everything else (connecting, reconnecting and
-    subscribing again, requests, the JetStream API) stays nats-py's. `write` queues raw
-    protocol bytes and wakes the flusher once.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._direct: dict[int, Handler] = {}
-        self._ps = _Parser(self)
-
-    def direct(self, sub: Subscription, handler: Handler) -> None:
-        self._direct[sub._id] = handler
-
-    async def _process_msg(self, sid: int, subject: bytes, reply: bytes, data: bytes,
-                           headers: bytes | None) -> None:
-        handler = self._direct.get(sid)  # (_Parser calls it itself)
-        if handler is None:
-            await super()._process_msg(sid, subject, reply, data, headers)  # type: ignore[arg-type]
-            return
-        handler(subject, reply, data, headers)
-
-    def write(self, cmd: bytes, flush: bool = True) -> None:
-        """Queue protocol bytes (kept across a reconnect, as publish does); flush soon, or
-        (flush=False) with whatever is written next."""
-        if not self.is_connected and (self._max_pending_size <= 0 or len(cmd)
-                                      + self._pending_data_size > self._max_pending_size):
-            raise errors.OutboundBufferLimitError
-        self._pending.append(cmd)
-        self._pending_data_size += len(cmd)
-        if flush:
-            self.kick()
-
-    def kick(self) -> None:
-        """Have the flusher write what is queued."""
-        queue = self._flush_queue
-        if (self.is_connected and queue is not None and queue.empty()
-                and self._flusher_task is not None and not self._flusher_task.done()):
-            queue.put_nowait(asyncio.get_running_loop().create_future())
-
-
-class _Parser(Parser):
-    """nats-py's parser, with MSG and HMSG read by splitting their line (no regex) and the
-    buffer cut once per read rather than once per message (one cut by the read waits for
-    the rest); whatever else comes (INFO, PING, -ERR) goes on to nats-py's own parse."""
-
-    _wait = 0  # bytes the buffer needs before a message is complete (one spans reads)
-
-    def reset(self) -> None:
-        super().reset()
-        self._wait = 0
-
-    async def parse(self, data: bytes = b"") -> None:
-        buf = self.buf
-        buf.extend(data)
-        if self.state != AWAITING_CONTROL_LINE:  # nats-py's parse is in a message
-            await super().parse()
-            return
-        if len(buf) < self._wait:
-            return  # a large message still coming: not copied again at every read
-        self._wait = 0
-        raw = bytes(buf)  # one copy per read; then each message is one slice of it
-        pos, size = 0, len(raw)
-        nc = self.nc
-        direct = nc._direct
-        other = False
-        while pos < size:
-            if raw.startswith(b"HMSG ", pos):
-                headers = 1
-            elif raw.startswith(b"MSG ", pos):
-                headers = 0
-            else:
-                other = True
-                break
-            end = raw.find(b"\r\n", pos)
-            if end < 0:
-                break  # not all here yet
-            # [H]MSG <subject> <sid> [<reply>] [<header bytes>] <total bytes>
-            args = raw[pos:end].split()
-            n = len(args) - headers  # 5 with a reply subject, 4 without
-            if (n not in (4, 5) or not args[2].isdigit() or not args[-1].isdigit()
-                    or (headers and not args[-2].isdigit())):
-                other = True  # malformed: nats-py's parse says so
-                break
-            hlen = int(args[-2]) if headers else 0
-            start = end + 2
-            stop = start + int(args[-1])
-            if size < stop + 2:
-                self._wait = stop + 2 - pos  # counted from where the buffer will start
-                break
-            pos = stop + 2
-            sid = int(args[2])
-            reply = args[3] if n == 5 else b""
-            head = raw[start:start + hlen] if hlen else None
-            handler = direct.get(sid)
-            if handler is not None:
-                handler(args[1], reply, raw[start + hlen:stop], head)
-            else:
-                await nc._process_msg(sid, args[1], reply, raw[start + hlen:stop], head)
-        if pos:
-            del buf[:pos]
-        if other:
-            await super().parse()
 
 
 class _Held:
@@ -246,7 +127,7 @@ class NatsTransport:
         self.duplicates = 0    # actions the stream already had (a rebuilt window)
         self.redelivered = 0   # deliveries after the first
         self.handed_back = 0   # messages given back (NAK) to the worker now serving them
-        self._nc: _Client | None = None
+        self._nc: FastClient | None = None
         self._js: JetStreamContext | None = None
         self._subs: list[Subscription] = []
         self._inbox: collections.deque[Envelope] = collections.deque()
@@ -291,7 +172,7 @@ class NatsTransport:
             no_echo=True,  # its own evolution replies need not come back
             error_cb=self._on_error, disconnected_cb=self._on_disconnected,
             reconnected_cb=self._on_reconnected, closed_cb=self._on_closed)
-        nc = _Client()
+        nc = FastClient()
         # nats-py retries a refused login like a missing server, until connect_wait_s; the
         # server's own answer (error_cb) ends the start at once and says what happened.
         self._refused = asyncio.get_running_loop().create_future()
@@ -337,8 +218,8 @@ class NatsTransport:
                          f"{prefix}.{p}")
             self._pulls[p] = pull
             self._by_consumer[consumer_name(p).encode()] = pull
-        # Deliveries, PubAcks and evolution commands go to plain functions (_Client.direct):
-        # no callback task, no queue.
+        # Deliveries, PubAcks and evolution commands go to plain functions
+        # (FastClient.direct): no callback task, no queue.
         for subject, handler in ((f"{prefix}.*", self._on_delivery),
                                  (f"{prefix}.ack.*", self._on_puback),
                                  (self.t_evolution, self._on_evolution)):
@@ -721,7 +602,7 @@ class NatsTransport:
             reply = b"%s%d" % (self._puback_prefix.encode(), pid)
             # What js.publish(stream=...) sends: stored by that stream or refused.
             # The id as nats-py would write it (a line break in a key value is a space).
-            mid = key.strip().translate(_NEWLINES).encode()
+            mid = header_value(key)
             head = self._expect + (b"Nats-Msg-Id: %s\r\n" % mid if mid else b"")
             head += b"\r\n"
             wire = b"HPUB %s %s %d %d\r\n%s%s\r\n" % (
