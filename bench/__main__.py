@@ -17,22 +17,22 @@ Sections (all by default, in this order; `--only a,b` picks some):
                     cost per message, in this process.
 - cost              instructions per window (valgrind) over a fixed in-process workload,
                     and the worker's CPU time per window (/proc) over a fixed one.
+- nats              NATS JetStream, one worker, beside the worker on ZeroMQ in each repeat
+                    (`bench.nats_bench`, 8 models, A = 18, 64 windows in flight): steps/s,
+                    latency, CPU per step of the worker, the nats-server and the driver;
+                    with --before, the earlier checkout's NATS worker on its own server
+                    (about 15 s a repeat; --quick: one repeat of 2 s).
 
 Then issue 14's targets, each with the ratio this run measured (`bench.targets`).
 `--before DIR` measures the worker of another checkout beside this one.
 
-Opt-in (only with `--only`; about 2 minutes, most of it waiting on the original server):
+Opt-in (only with `--only`; minutes each):
 
 - swergio_server    round trips of two unchanged swergio clients through the swergio 0.0.2
                     server and `swarm-aggregator swergio-server`; the RLGym example's
                     pipeline (environment, 6 models, evolution) with (a) the original
                     server and aggregator, (b) the original server and the worker, (c)
                     our server and the worker: steps/s side by side.
-- nats              NATS JetStream, one worker, beside the worker on ZeroMQ in each repeat
-                    (`bench.nats_bench`, 8 models, A = 18, 64 windows in flight): steps/s,
-                    latency, CPU per step of the worker, the nats-server and the driver;
-                    with --before, the earlier checkout's NATS worker on its own server
-                    (about 30 s a repeat).
 - cartpole          the CartPole example (examples/cartpole_swarm, the rl extra) end to
                     end on ZeroMQ, NATS and swergio: 6 SB3 models trained every 5 steps,
                     steps/s; 16 environments per step, environment steps/s (about 10 minutes).
@@ -61,8 +61,9 @@ from typing import Any
 from . import report, targets
 from .common import ROOT, Plan
 
-SECTIONS = ("zmq_lockstep", "zmq_pipelined", "swergio_lockstep", "metrics", "kernel", "cost")
-OPT_IN = ("swergio_server", "cartpole", "nats")  # run only when named in --only
+SECTIONS = ("zmq_lockstep", "zmq_pipelined", "swergio_lockstep", "metrics", "kernel", "cost",
+            "nats")
+OPT_IN = ("swergio_server", "cartpole")  # run only when named in --only
 DEFAULT_OUT = ROOT / "bench" / "results" / "latest.json"
 
 

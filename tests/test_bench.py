@@ -17,7 +17,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK_TIMEOUT_S = 240
-SECTIONS = ("zmq_lockstep", "zmq_pipelined", "swergio_lockstep", "metrics", "kernel", "cost")
+SECTIONS = ("zmq_lockstep", "zmq_pipelined", "swergio_lockstep", "metrics", "kernel", "cost",
+            "nats")
 
 
 def stats(node: Any, path: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
@@ -143,3 +144,18 @@ def test_quick_suite_binary_frames_breakdown_cost_and_targets(quick: dict[str, A
     assert any(n.startswith("lockstep p50") for n in names)
     assert any(n.startswith("pipelined steps/s binary / JSON") for n in names)
     assert all(t["met"] in (True, False, None) for t in quick["targets"])
+
+
+@pytest.mark.timeout(300)
+def test_quick_suite_nats_section_and_its_targets(quick: dict[str, Any]) -> None:
+    """NATS runs by default, short with --quick (one repeat, one worker, beside ZeroMQ), and
+    its targets are printed with the others."""
+    nats = quick["sections"]["nats"]
+    (run,) = nats["runs"]  # --quick: one repeat
+    assert [(r["case"], r["workers"]) for r in run] == [("zmq", 1), ("nats", 1)]
+    for r in run:
+        assert positive(r["steps_per_s"]) and positive(r["latency_p50_ms"]), r
+        assert all(positive(v) for v in r["cpu_ms_per_step"].values()), r
+    names = [t["target"] for t in quick["targets"]]
+    assert "NATS steps/s, 1 worker / ZeroMQ's" in names
+    assert "NATS worker CPU per step / ZeroMQ's" in names
