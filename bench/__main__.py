@@ -20,7 +20,8 @@ Sections (all by default, in this order; `--only a,b` picks some):
 - nats              NATS JetStream, one worker, beside the worker on ZeroMQ in each repeat
                     (`bench.nats_bench`, 8 models, A = 18, 64 windows in flight): steps/s,
                     latency, CPU per step of the worker, the nats-server and the driver;
-                    with --before, the earlier checkout's NATS worker on its own server
+                    with --nats-before (or --before, when that checkout has the nats
+                    package), the earlier checkout's NATS worker on its own server
                     (about 15 s a repeat; --quick: one repeat of 2 s).
 
 Then issue 14's targets, each with the ratio this run measured (`bench.targets`).
@@ -156,6 +157,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="a checkout of an earlier commit (`git worktree add DIR REF`): its "
                         "worker is measured beside this one in the ZeroMQ, cost and nats "
                         "sections")
+    p.add_argument("--nats-before", type=Path, metavar="DIR",
+                   help="the checkout whose NATS worker the nats section measures beside "
+                        "this one (default: --before's, if it has transports/nats)")
     args = p.parse_args(argv)
     only = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = [s for s in only if s not in SECTIONS + OPT_IN]
@@ -180,6 +184,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     plan = (Plan.quick() if args.quick else Plan()).with_repeats(args.repeats)
     if args.before is not None:
         plan = dataclasses.replace(plan, before=str(args.before.resolve()))
+    nats_before = args.nats_before
+    if nats_before is None and args.before is not None and (
+            args.before / "transports" / "nats").is_dir():
+        nats_before = args.before
+    if nats_before is not None:
+        plan = dataclasses.replace(plan, nats_before=str(nats_before.resolve()))
     result: dict[str, Any] = {"meta": _meta(plan, args.quick), "sections": {}}
     t0 = time.monotonic()
     failed = False

@@ -82,6 +82,9 @@ class Plan:
     cost_cpu_windows: tuple[tuple[int, int], ...] = ((18, 6000), (1000, 1500))  # (A, n)
     # a checkout of an earlier commit whose worker runs beside this one (--before)
     before: str = ""
+    # the checkout whose NATS worker runs beside this one in the nats section (--nats-before;
+    # by default --before's, when it has the nats package)
+    nats_before: str = ""
     scrape_interval_s: float = 1.0
     action_timeout_s: float = 10.0                   # an action later than this is lost
 

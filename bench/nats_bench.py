@@ -334,10 +334,10 @@ def section(plan: Any) -> dict[str, Any]:
     seconds = max(1.0, 2 * plan.pipelined_max_s)
     args = parse_args(["--workers", "1", "--repeats", str(plan.repeats),
                        "--seconds", str(seconds), "--latency-steps", "100"]
-                      + (["--before", plan.before] if plan.before else []))
+                      + (["--before", plan.nats_before] if plan.nats_before else []))
     runs = [asyncio.run(run(args)) for _ in range(args.repeats)]
     return {"models": args.models, "actions": args.actions, "inflight": args.inflight,
-            "before": plan.before or None,
+            "before": plan.nats_before or None,
             "runs": [[asdict(r) for r in rs] for rs in runs],
             "ratios": {k: [rt[k] for rt in map(ratios, runs) if k in rt]
                        for k in NATS_TARGETS}}
