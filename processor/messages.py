@@ -275,6 +275,8 @@ def decode_logits(payload: Payload, key_fields: Sequence[str], max_bytes: int,
             raise DecodeError("not_json", str(e)[:120]) from None
         if obj.__class__ is not dict:
             raise DecodeError("not_object", f"JSON {type(obj).__name__}, not an object")
+    elif payload.__class__ is tuple:
+        obj = decode_binary(payload[0], payload[1], max_bytes)
     elif isinstance(payload, bytes):
         obj = decode_object(payload, max_bytes)
     elif isinstance(payload, tuple):

@@ -222,14 +222,25 @@ class ZmqTransport:
                 first = recv(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 break
-            frame = recv(zmq.NOBLOCK, copy=False) if first.more else None
-            if frame is None or frame.more:
-                binary = self._other(recv, first, frame)
-                if binary is not None:
-                    out.append((logits, binary, now, None))
+            if not first.more:
+                self._refuse(recv, topics.get(first.bytes), first, 1)
+                continue
+            frame = recv(zmq.NOBLOCK, copy=False)
+            topic = topics.get(first.bytes)
+            if frame.more:
+                # [topic, JSON without LOGITS, float32 little-endian values]: binary logits
+                values = recv(zmq.NOBLOCK, copy=False)
+                if values.more or topic is not logits:
+                    self._refuse(recv, topic, values, 3)
+                    continue
+                meta, data = frame.bytes, values.bytes
+                size = len(meta) + len(data)
+                if size > max_bytes:
+                    self.on_reject("too_large", f"{size} bytes > {max_bytes}")
+                    continue
+                out.append((logits, (meta, data), now, None))
                 continue
             # [topic, JSON]: the common case
-            topic = topics.get(first.bytes)
             if topic is None:
                 continue  # another topic that merely starts with ours (prefix match)
             body = frame.bytes
@@ -239,35 +250,15 @@ class ZmqTransport:
             out.append((topic, body, now, None))
         return out
 
-    def _other(self, recv: Any, first: zmq.Frame, frame: zmq.Frame | None
-               ) -> tuple[bytes, bytes] | None:
-        """The rest of a message of one frame or of three and more: binary logits,
-        `[topic, JSON without LOGITS, float32 little-endian values]`, or refused."""
-        topic = self.topics.get(first.bytes)
-        if frame is None:
-            if topic is not None:
-                self.on_reject("bad_frame", f"1 frame on topic {topic!r}")
-            return None
-        values = recv(zmq.NOBLOCK, copy=False)
-        if values.more:
-            n = 3
-            last = values
-            while last.more:
-                last = recv(zmq.NOBLOCK, copy=False)
-                n += 1
-            if topic is not None:
-                self.on_reject("bad_frame", f"{n} frames on topic {topic!r}")
-            return None
-        if topic is not self.logits_topic:
-            if topic is not None:
-                self.on_reject("bad_frame", f"3 frames on topic {topic!r}")
-            return None
-        meta, data = frame.bytes, values.bytes
-        size = len(meta) + len(data)
-        if size > self.max_bytes:
-            self.on_reject("too_large", f"{size} bytes > {self.max_bytes}")
-            return None
-        return meta, data
+    def _refuse(self, recv: Any, topic: str | None, last: zmq.Frame, n: int) -> None:
+        """A message of the wrong frame count (`n` read so far, `last` the latest): the
+        rest of its frames read and dropped; counted when it was on one of our topics
+        (a topic that merely starts with ours is someone else's)."""
+        while last.more:
+            last = recv(zmq.NOBLOCK, copy=False)
+            n += 1
+        if topic is not None:
+            self.on_reject("bad_frame", f"{n} frame{'s' if n > 1 else ''} on topic {topic!r}")
 
     async def publish(self, topic: str, payload: bytes, dedup: str | None = None) -> bool:
         assert self._pub is not None, "use 'async with transport'"
