@@ -165,6 +165,35 @@ def render(result: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def nats_expect_table(cases: list[dict[str, Any]]) -> str:
+    """The NATS section's "What to expect": each case of a `bench.nats_bench --json` run
+    (one row per case and worker count), every figure as the min-max over its repeats."""
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for c in cases:
+        groups.setdefault((c["case"], c["workers"]), []).append(c)
+
+    def span(values: list[float], digits: int, unit: str = "") -> str:
+        lo, hi = min(values), max(values)
+        text = f"{lo:.{digits}f}" if round(lo, digits) == round(hi, digits) else \
+            f"{lo:.{digits}f}–{hi:.{digits}f}"
+        return text + unit
+
+    rows = []
+    for (case, workers), runs in groups.items():
+        cpu = [r["cpu_ms_per_step"] for r in runs]
+        name = ("ZeroMQ" if case == "zmq" else "NATS" if case == "nats" else case) + \
+            f", {workers} worker{'s' if workers > 1 else ''}"
+        worker = span([c["worker"] for c in cpu], 3, " ms") + (
+            f" (all {workers})" if workers > 1 else "")
+        server = span([c["server"] for c in cpu], 3, " ms") if "server" in cpu[0] else "-"
+        rows.append([name, span([r["steps_per_s"] for r in runs], 0),
+                     span([r["latency_p50_ms"] for r in runs], 2, " ms"),
+                     span([r["latency_p99_ms"] for r in runs], 2, " ms"), worker, server,
+                     span([c["driver"] for c in cpu], 3, " ms")])
+    return _md(["case", "steps/s", "latency p50", "latency p99", "worker CPU per step",
+                "server CPU per step", "load generator CPU per step"], rows)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     import argparse
 
@@ -176,7 +205,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                    default=Path(__file__).resolve().parent / "results" / "latest.json")
     p.add_argument("--nats", nargs="*", default=[], metavar="M:FILE",
                    help="bench.nats_bench --json results: the scale table too (bench.scale)")
+    p.add_argument("--nats-expect", type=Path, metavar="FILE",
+                   help="a bench.nats_bench --json result (--repeats 3): only the NATS "
+                        "section's \"What to expect\" table")
     args = p.parse_args(argv)
+    if args.nats_expect is not None:
+        print(nats_expect_table(json.loads(args.nats_expect.read_text())))
+        return 0
     result = json.loads(args.json.read_text())
     print(render(result))
     if args.nats:
