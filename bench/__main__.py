@@ -50,7 +50,6 @@ import dataclasses
 import json
 import os
 import platform
-import signal
 import subprocess
 import sys
 import time
@@ -60,7 +59,7 @@ from pathlib import Path
 from typing import Any
 
 from . import report, targets
-from .common import ROOT, Plan
+from .common import ROOT, Plan, stop_on_sigterm
 
 SECTIONS = ("zmq_lockstep", "zmq_pipelined", "swergio_lockstep", "metrics", "kernel", "cost",
             "nats")
@@ -174,13 +173,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def _stop_on_sigterm(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)  # unwinds the sections: their processes are stopped
-
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    stop_on_sigterm()
     plan = (Plan.quick() if args.quick else Plan()).with_repeats(args.repeats)
     if args.before is not None:
         plan = dataclasses.replace(plan, before=str(args.before.resolve()))

@@ -296,3 +296,11 @@ class CpuMeter:
             if t0 is not None and t1 is not None and run.seconds > 0:
                 run.cpu[name] = (t1 - t0) / run.seconds
         return run
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM raises SystemExit, which unwinds the running sections or cases: every process
+    they started is stopped by its `with` block."""
+    def handler(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+    signal.signal(signal.SIGTERM, handler)

@@ -30,7 +30,6 @@ import itertools
 import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -45,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import stat
+from bench.common import stat, stop_on_sigterm
 from bench.report import fig, table
 from bench.targets import NATS_TARGETS
 from processor.apps import processes
@@ -405,13 +404,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _stop_on_sigterm(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)  # unwinds the cases: their processes are stopped
-
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    stop_on_sigterm()
     print(f"swarm-aggregator NATS bench: M={args.models} A={args.actions} "
           f"inflight={args.inflight} P={args.partitions} storage={args.storage} "
           f"cores={os.cpu_count()}", flush=True)
