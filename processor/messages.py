@@ -126,10 +126,10 @@ def decode_object(payload: bytes, max_bytes: int) -> dict[str, Any]:
     if len(payload) > max_bytes:
         raise DecodeError("too_large", f"{len(payload)} bytes > limit {max_bytes}")
     try:
-        obj = orjson.loads(payload)
+        obj = _loads(payload)
     except orjson.JSONDecodeError as e:
         raise DecodeError("not_json", str(e)[:120]) from None
-    if not isinstance(obj, dict):
+    if obj.__class__ is not dict:
         raise DecodeError("not_object", f"JSON {type(obj).__name__}, not an object")
     return obj
 
@@ -241,10 +241,7 @@ def parse_logits(obj: dict[str, Any], key_fields: Sequence[str],
             and raw[0].__class__ is not list):
         arr = _short_row(raw, sender, max_actions)  # the common cases, without a detour
     elif raw.__class__ is np.ndarray:  # binary frames: float32 already (decode_binary)
-        arr = raw
-        b, a = arr.shape
-        if a > max_actions or b > max_batch or not _all_finite(arr):
-            _checked(raw, sender, max_actions, max_batch, from_json=False)  # raises
+        arr = _checked(raw, sender, max_actions, max_batch, from_json=False)
     else:
         arr = _array_of(raw, sender, max_actions, max_batch)
     det = obj.get("DETERMINISTIC")
@@ -266,18 +263,7 @@ def parse_logits(obj: dict[str, Any], key_fields: Sequence[str],
 def decode_logits(payload: Payload, key_fields: Sequence[str], max_bytes: int,
                   max_actions: int, max_batch: int) -> Logits:
     """One logits message from whatever form its transport gave; raises DecodeError."""
-    if payload.__class__ is bytes:  # decode_object, written out: the per-message path
-        if len(payload) > max_bytes:
-            raise DecodeError("too_large", f"{len(payload)} bytes > limit {max_bytes}")
-        try:
-            obj = _loads(payload)
-        except orjson.JSONDecodeError as e:
-            raise DecodeError("not_json", str(e)[:120]) from None
-        if obj.__class__ is not dict:
-            raise DecodeError("not_object", f"JSON {type(obj).__name__}, not an object")
-    elif payload.__class__ is tuple:
-        obj = decode_binary(payload[0], payload[1], max_bytes)
-    elif isinstance(payload, bytes):
+    if isinstance(payload, bytes):
         obj = decode_object(payload, max_bytes)
     elif isinstance(payload, tuple):
         obj = decode_binary(payload[0], payload[1], max_bytes)

@@ -51,8 +51,8 @@ Socket = zmq.Socket[bytes]
 # large enough (about 25 windows of 20 models) that aggregation and the books run for many
 # windows at once.
 BURST = 512
-SPIN_MEMORY = 16
-_MORE = zmq.SNDMORE | zmq.NOBLOCK  # recent waits for a message that decide whether to spin
+SPIN_MEMORY = 16  # recent waits for a message that decide whether to spin
+_MORE = zmq.SNDMORE | zmq.NOBLOCK
 
 
 class ZmqTransport:
