@@ -433,3 +433,28 @@ class Collector(Peer):
             self.check()
             return next((m for m in list(self.seen) if pred(m)), None)
         return wait_for(found, timeout, f"{self.name} to see {what}")  # type: ignore[no-any-return]
+
+
+def start_pipeline(port: int, models: int, table: dict[int, list[Any]], sent: dict[int, dict]
+                   ) -> tuple[Evolution, Environment, list[Peer], dict[str, Any]]:
+    """The RLGym example's peers on the swergio server at `port`, started and seen in their
+    rooms: the evolution loop, `models` models answering from `table` (recording in
+    `sent`), the environment. Returns them (all of them in the list, to close) and the
+    reply to the handshake GET: the worker may have joined before the watcher, and a GET
+    answered is the proof that it is in its rooms (it joins them all in one write, which
+    the server reads in order, before anything the worker publishes)."""
+    evo = Evolution(port).start()
+    peers: list[Peer] = [evo]
+    try:
+        evo.sync(port)
+        mods = [model(port, i, table, sent).start() for i in range(models)]
+        peers += mods
+        env = Environment(port).start()
+        peers.append(env)
+        evo.wait_joined({(m.name, "logits") for m in mods} | {("environment", "observation")})
+        first = evo.handshake()
+    except BaseException:
+        for p in peers:
+            p.close()
+        raise
+    return evo, env, peers, first

@@ -26,6 +26,7 @@ and would no longer run the blocks as written.)
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import re
@@ -33,12 +34,14 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -50,7 +53,32 @@ README = ROOT / "README.md"
 VENV = ROOT / ".venv"
 HOST = "127.0.0.1"
 
-pytestmark = pytest.mark.timeout(150)
+# The recipes run on the README's own ports, so two suites on one machine (a second
+# checkout, a parallel CI job) take turns, one test at a time: a test may first wait up to
+# PORTS_WAIT_S for the other suite's, on top of its own time.
+PORTS_LOCK = Path(tempfile.gettempdir()) / "swarm-aggregator-readme-ports.lock"
+PORTS_WAIT_S = 240
+pytestmark = pytest.mark.timeout(150 + PORTS_WAIT_S)
+
+
+@pytest.fixture(autouse=True)
+def readme_ports() -> Iterator[None]:
+    """Hold the README's ports (an advisory lock shared by every checkout) for one test."""
+    with open(PORTS_LOCK, "a") as lock:
+        deadline = time.monotonic() + PORTS_WAIT_S
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"another test suite held the README's ports (lock "
+                                f"{PORTS_LOCK}) for over {PORTS_WAIT_S} s")
+                time.sleep(0.2)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 # Every marked block or table of README.md, and how this file checks it.
 COVERAGE: dict[str, str] = {
@@ -533,7 +561,7 @@ def test_nats_diagram_names_the_default_streams():
 # -- getting started --------------------------------------------------------------------------
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(120 + PORTS_WAIT_S)
 def test_make_run_prints_what_the_readme_shows(sh):
     commands = [x.split("#")[0].strip() for x in block("make").splitlines() if x.strip()]
     assert commands == ["make run", "make test"]
@@ -574,7 +602,7 @@ def test_development_targets_run_what_they_say(sh):
 # -- the CartPole example -----------------------------------------------------------------------
 
 
-@pytest.mark.timeout(360)
+@pytest.mark.timeout(360 + PORTS_WAIT_S)
 def test_cartpole_example_runs_as_written(sh):
     stale = sh.run("make -q .venv/.installed", cwd=ROOT)
     if stale.returncode != 0:
@@ -601,39 +629,41 @@ def softmax_sum_argmax(logits: list[list[float]]) -> int:
     return int(p.sum(axis=0).argmax())
 
 
-@pytest.mark.timeout(150)
+def run_rlgym_swarm(port: int, models: int, steps: int, seed: int
+                    ) -> tuple[dict[int, dict[str, Any]], dict[int, dict[str, list[float]]],
+                               dict[str, Any]]:
+    """The RLGym example's peers on a swergio server at `port`: the evolution loop, the
+    models (logits drawn with `seed`), the environment; `steps` steps, then a GET.
+    Returns the actions by step, the logits sent by step, and the GET's reply."""
+    from tests.swergio_peers import start_pipeline
+
+    rng = np.random.default_rng(seed)
+    table = {s: rng.normal(0, 2, (models, 6)).round(3).tolist() for s in range(steps)}
+    sent: dict[int, dict[str, list[float]]] = {}
+    evo, env, peers, _ = start_pipeline(port, models, table, sent)
+    try:
+        env.run(0, steps, timeout=60)
+        reply = evo.get()
+    finally:
+        for p in peers:
+            p.close()
+    return env.actions, sent, reply
+
+
+@pytest.mark.timeout(150 + PORTS_WAIT_S)
 def test_swergio_recipe(sh):
-    from tests.swergio_peers import Environment, Evolution, model, swergio_server
+    from tests.swergio_peers import swergio_server
 
     require_free(8080, 9464)
     toml = block("swergio-toml")
     assert toml.startswith("# swergio.toml\n")  # the text says: save this as swergio.toml
     (sh.work / "swergio.toml").write_text(toml)
     models, steps = 20, 3  # the file's window.models, the RLGym example's NR_OF_MODELS
-    rng = np.random.default_rng(11)
-    table = {s: rng.normal(0, 2, (models, 6)).round(3).tolist() for s in range(steps)}
-    sent: dict[int, dict[str, list[float]]] = {}
     with swergio_server(8080), sh.serve("worker", block("swergio-run")) as worker:
         sh.wait("the worker on /readyz", ready(9464))
-        peers: list = []
-        try:
-            evo = Evolution(8080).start()
-            peers.append(evo)
-            evo.sync(8080)
-            mods = [model(8080, i, table, sent).start() for i in range(models)]
-            peers += mods
-            env = Environment(8080).start()
-            peers.append(env)
-            evo.wait_joined({(p.name, "logits") for p in mods}
-                            | {("environment", "observation")})
-            evo.handshake()  # answered: the worker is in its rooms
-            env.run(0, steps, timeout=60)
-            reply = evo.get()
-        finally:
-            for p in peers:
-                p.close()
+        actions, sent, reply = run_rlgym_swarm(8080, models, steps, seed=11)
         for s in range(steps):
-            action = env.actions[s]
+            action = actions[s]
             assert action["ACTION"] == [softmax_sum_argmax(list(sent[s].values()))], action
             assert "PARTIAL" not in action and action["TO_ROOM"] == "action"
         assert set(reply["CONTRIBUTION"]) == {f"model-{i}" for i in range(models)}
@@ -642,40 +672,19 @@ def test_swergio_recipe(sh):
     assert "swergio: connected to" in worker.output()
 
 
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(150 + PORTS_WAIT_S)
 def test_swergio_server_recipe(sh):
     """The two commands in place of the example's 01_server.py and 03_aggregation.py."""
-    from tests.swergio_peers import Environment, Evolution, model
-
     require_free(8080, 9464)
     (sh.work / "swergio.toml").write_text(block("swergio-toml"))
     models, steps = 20, 10
-    rng = np.random.default_rng(12)
-    table = {s: rng.normal(0, 2, (models, 6)).round(3).tolist() for s in range(steps)}
-    sent: dict[int, dict[str, list[float]]] = {}
     with sh.serve("swergio-server", block("swergio-server")) as server:
         sh.wait("swergio-server on :8080", lambda: accepts(8080))
         with sh.serve("worker", block("swergio-run")) as worker:
             sh.wait("the worker on /readyz", ready(9464))
-            peers: list = []
-            try:
-                evo = Evolution(8080).start()
-                peers.append(evo)
-                evo.sync(8080)
-                mods = [model(8080, i, table, sent).start() for i in range(models)]
-                peers += mods
-                env = Environment(8080).start()
-                peers.append(env)
-                evo.wait_joined({(p.name, "logits") for p in mods}
-                                | {("environment", "observation")})
-                evo.handshake()
-                env.run(0, steps, timeout=60)
-                reply = evo.get()
-            finally:
-                for p in peers:
-                    p.close()
+            actions, sent, reply = run_rlgym_swarm(8080, models, steps, seed=12)
             for s in range(steps):
-                assert env.actions[s]["ACTION"] == [softmax_sum_argmax(list(sent[s].values()))]
+                assert actions[s]["ACTION"] == [softmax_sum_argmax(list(sent[s].values()))]
             assert sum(reply["CONTRIBUTION"].values()) == pytest.approx(steps, rel=1e-4)
             assert worker.stop() == 0, worker.output()[-3000:]
         assert server.stop() == 0, server.output()[-3000:]
@@ -750,7 +759,7 @@ def json_tail(out: str) -> dict:
     return json.loads(out[out.rindex("\n{") + 1:] if "\n{" in out else out)
 
 
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(150 + PORTS_WAIT_S)
 def test_nats_two_workers_recipe(sh):
     require_free(4222, 9464, 9465)
     with sh.serve("nats-server", block("nats-server")) as server:

@@ -36,6 +36,7 @@ from tests.swergio_peers import (
     data,
     model,
     process_output,
+    start_pipeline,
     swergio_server,
     worker_process,
     worker_toml,
@@ -223,27 +224,6 @@ def _ready(port: int) -> int:
         return 0
 
 
-def _pipeline(port: int, models: int, table: dict, sent: dict) -> tuple[Evolution, Environment,
-                                                                         list[Any]]:
-    evo = Evolution(port).start()
-    peers: list[Any] = [evo]
-    try:
-        evo.sync(port)
-        mods = [model(port, i, table, sent).start() for i in range(models)]
-        peers += mods
-        env = Environment(port).start()
-        peers.append(env)
-        evo.wait_joined({(m.name, "logits") for m in mods} | {("environment", "observation")})
-        # The worker may have joined before the watcher: a GET answered is the proof that
-        # it is in its rooms (it joins them all in one write, which the server reads in
-        # order, before anything the worker publishes).
-        evo.handshake()
-    except BaseException:
-        close_all(*peers)
-        raise
-    return evo, env, peers
-
-
 def _check_steps(env: Environment, sent: dict, steps: range) -> None:
     for step in steps:
         check_action_message(env.actions[step], env.observations[step])
@@ -258,7 +238,7 @@ def test_worker_reconnects_and_rejoins_after_the_server_restarts():
     port, mport = free_port(), free_port()
     with worker_process(worker_toml(port, models, metrics_port=mport)) as proc:
         with swergio_server(port) as first_server:
-            evo, env, peers = _pipeline(port, models, table, sent)
+            evo, env, peers, _ = start_pipeline(port, models, table, sent)
             try:
                 assert _ready(mport) == 200
                 env.run(0, n, timeout=30)
@@ -275,9 +255,9 @@ def test_worker_reconnects_and_rejoins_after_the_server_restarts():
         assert proc.poll() is None
 
         with swergio_server(port):
-            # _pipeline waits until the worker answers a GET through the new server: it
+            # start_pipeline waits until the worker answers a GET through the new server: it
             # reconnected and joined its rooms again.
-            evo, env, peers = _pipeline(port, models, table, sent)
+            evo, env, peers, _ = start_pipeline(port, models, table, sent)
             try:
                 wait_for(lambda: _ready(mport) == 200, 10, "/readyz after the reconnect")
                 env.run(n, n, timeout=30)

@@ -34,10 +34,8 @@ from tests.procs import ROOT, free_port, wait_for
 from tests.swergio_peers import (
     HOST,
     WORKER_NAME,
-    Environment,
-    Evolution,
-    model,
     process_output,
+    start_pipeline,
     swergio_server,
     worker_process,
     worker_toml,
@@ -399,19 +397,11 @@ def test_worker_and_rlgym_peers_through_our_server():
     sent: dict[int, dict[str, list[float]]] = {}
     with ours() as server:
         port = server.port
-        peers: list[Any] = []
         with worker_process(worker_toml(port, models)) as worker:
+            evo, env, peers, first = start_pipeline(port, models, table, sent)
+            mods = [p for p in peers if p is not evo and p is not env]
             try:
-                evo = Evolution(port).start()
-                peers.append(evo)
-                evo.sync(port)
-                mods = [model(port, i, table, sent).start() for i in range(models)]
-                peers += mods
-                env = Environment(port).start()
-                peers.append(env)
-                evo.wait_joined({(m.name, "logits") for m in mods}
-                                | {("environment", "observation")})
-                assert evo.handshake()["CONTRIBUTION"] == {}
+                assert first["CONTRIBUTION"] == {}
                 env.run(0, steps, timeout=60)
                 reply = evo.get()
             finally:
