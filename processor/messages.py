@@ -7,6 +7,7 @@ them all. Each rejection raises `DecodeError` with a reason from `errors.REASONS
 from __future__ import annotations
 
 import math
+import struct
 import sys
 from array import array
 from collections.abc import Sequence
@@ -47,7 +48,9 @@ class Logits:
 F32_MAX = float(np.finfo(np.float32).max)
 _loads = orjson.loads
 _LE_F32 = np.dtype("<f4")
-SMALL_ROW = 256  # longer rows are checked in numpy, where that is cheaper than in Python
+SMALL_ROW = 256  # up to this length a row's pack is kept, and true/false looked for in Python
+_PACKERS: dict[int, Any] = {}  # n -> the pack of n little-endian float32s (n <= SMALL_ROW)
+_ZERO_F32, _ONE_F32 = struct.pack("<f", 0.0), struct.pack("<f", 1.0)  # false, true packed
 
 
 def _bool_among(raw: list[Any], arr: np.ndarray) -> bool:
@@ -187,17 +190,47 @@ def _model_of(cid: Any) -> str:
     raise DecodeError("bad_component_id", f"COMPONENT_ID of type {type(cid).__name__}")
 
 
-def _short_row(raw: list[Any], sender: str, max_actions: int) -> np.ndarray:
-    """The common case, one short row, as float32 (1, n).
+def _row(raw: list[Any], sender: str, max_actions: int) -> np.ndarray:
+    """The common case, one row of numbers, as float32 (1, n).
 
-    `array("f", raw)` converts in one pass and refuses every value that is not a number
-    (strings, null, lists: TypeError); only true and false get through as 1 and 0, so they
-    are looked for by type. JSON has no NaN or infinity, so a value that converts to an
-    infinity was a finite number past float32's range: those saturate.
+    One `struct` pack of the row's values as little-endian float32, read in place: it
+    accepts ints, floats and (as 1 and 0) true and false, and refuses the rest. JSON has
+    no NaN or infinity, and a finite value past float32's range makes the pack refuse (it
+    does not round to an infinity): whatever the pack refuses takes the general path
+    (`_row_by_array` for a short row, numpy's for a long one), which says why or
+    saturates. true and false, packed as 1.0 and 0.0, are looked for by type only where
+    such values occur. (A third of numpy's conversion of a list, which looks at every
+    value twice to find the array's shape and type.)
     """
     n = len(raw)
     if n > max_actions:
         raise DecodeError("bad_logits", f"{n} actions over limit {max_actions}", sender)
+    try:
+        if n <= SMALL_ROW:
+            pack = _PACKERS.get(n)
+            if pack is None:
+                pack = _PACKERS[n] = struct.Struct(f"<{n}f").pack
+            packed = pack(*raw)
+        else:
+            packed = struct.pack(f"<{n}f", *raw)  # (struct keeps the last 100 formats)
+    except (struct.error, OverflowError):
+        if n <= SMALL_ROW:
+            return _row_by_array(raw, sender, n)
+        return _convert_rows(raw, sender, max_actions, 1)
+    arr = np.ndarray((1, n), _LE_F32, packed)  # a view of the bytes, read-only
+    if (((_ZERO_F32 in packed or _ONE_F32 in packed) and bool in map(type, raw))
+            if n <= SMALL_ROW else _bool_among(raw, arr)):
+        raise DecodeError("bad_logits", "LOGITS must hold numbers, not true or false", sender)
+    return arr
+
+
+def _row_by_array(raw: list[Any], sender: str, n: int) -> np.ndarray:
+    """A short row that the pack refused: values that are no numbers, or past float32.
+
+    `array("f", raw)` refuses every value that is not a number (strings, null, lists:
+    TypeError) and turns a finite value past float32's range into an infinity: those
+    saturate. (It takes true and false, so they are looked for by type.)
+    """
     try:
         values = array("f", raw)
     except (TypeError, OverflowError):
@@ -215,8 +248,8 @@ def _array_of(raw: Any, sender: str, max_actions: int, max_batch: int) -> np.nda
         return _checked(raw, sender, max_actions, max_batch, from_json=False)
     if raw.__class__ is not list or not raw:
         raise DecodeError("bad_logits", "LOGITS must be a non-empty list", sender)
-    if raw[0].__class__ is not list and len(raw) <= SMALL_ROW:
-        return _short_row(raw, sender, max_actions)
+    if raw[0].__class__ is not list:
+        return _row(raw, sender, max_actions)
     return _convert_rows(raw, sender, max_actions, max_batch)
 
 
@@ -237,9 +270,8 @@ def parse_logits(obj: dict[str, Any], key_fields: Sequence[str],
         raise DecodeError("missing_field", f"no {e.args[0]}") from None
     model = cid if cid.__class__ is str and cid else _model_of(cid)
     sender = model[:64]
-    if (raw.__class__ is list and 0 < len(raw) <= SMALL_ROW
-            and raw[0].__class__ is not list):
-        arr = _short_row(raw, sender, max_actions)  # the common cases, without a detour
+    if raw.__class__ is list and raw and raw[0].__class__ is not list:
+        arr = _row(raw, sender, max_actions)  # the common case, without a detour
     elif raw.__class__ is np.ndarray:  # binary frames: float32 already (decode_binary)
         arr = _checked(raw, sender, max_actions, max_batch, from_json=False)
     else:
