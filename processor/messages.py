@@ -218,7 +218,9 @@ def _row(raw: list[Any], sender: str, max_actions: int) -> np.ndarray:
             return _row_by_array(raw, sender, n)
         return _convert_rows(raw, sender, max_actions, 1)
     arr = np.ndarray((1, n), _LE_F32, packed)  # a view of the bytes, read-only
-    if (((_ZERO_F32 in packed or _ONE_F32 in packed) and bool in map(type, raw))
+    # (find, not `in`: bytes' `in` first tries its operand as an int, and formats an error)
+    if (((packed.find(_ZERO_F32) >= 0 or packed.find(_ONE_F32) >= 0)
+         and bool in map(type, raw))
             if n <= SMALL_ROW else _bool_among(raw, arr)):
         raise DecodeError("bad_logits", "LOGITS must hold numbers, not true or false", sender)
     return arr
