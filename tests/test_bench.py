@@ -15,6 +15,8 @@ from typing import Any
 
 import pytest
 
+from tests.nats_helpers import server_binary
+
 ROOT = Path(__file__).resolve().parents[1]
 QUICK_TIMEOUT_S = 240
 SECTIONS = ("zmq_lockstep", "zmq_pipelined", "swergio_lockstep", "metrics", "kernel", "cost",
@@ -159,3 +161,112 @@ def test_quick_suite_nats_section_and_its_targets(quick: dict[str, Any]) -> None
     names = [t["target"] for t in quick["targets"]]
     assert "NATS steps/s, 1 worker / ZeroMQ's" in names
     assert "NATS worker CPU per step / ZeroMQ's" in names
+
+
+# -- bench.nats_bench --replicas 3 and bench.scale ------------------------------------------
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.skipif(server_binary() is None, reason="no nats-server binary")
+def test_nats_bench_replicas_3_measures_a_three_node_cluster(tmp_path: Path) -> None:
+    """`--replicas 3`: the NATS case runs on three clustered nats-servers, its streams at 3
+    replicas (read back from the cluster), and the server CPU is the three nodes' sum, each
+    node busy; the ZeroMQ case beside it is recorded as before (no R3 fields)."""
+    out = tmp_path / "r3.json"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench.nats_bench", "--models", "4", "--replicas", "3",
+         "--workers", "1", "--partitions", "4", "--inflight", "16", "--seconds", "1.5",
+         "--latency-steps", "30", "--json", str(out)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGTERM)  # the bench stops the servers and workers it started
+        stdout, stderr = proc.communicate(timeout=30)
+        pytest.fail(f"nats_bench --replicas 3 ran over 180 s:\n{stderr[-3000:]}")
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    assert "replicas=3" in stdout
+    zmq, nats = json.loads(out.read_text())
+    assert zmq["case"] == "zmq" and "replicas" not in zmq
+    assert "server_nodes_cpu_ms_per_step" not in zmq
+    assert (nats["case"], nats["workers"], nats["replicas"]) == ("nats", 1, 3)
+    assert positive(nats["steps_per_s"])
+    nodes = nats["server_nodes_cpu_ms_per_step"]
+    assert len(nodes) == 3 and all(positive(x) for x in nodes), nodes
+    assert positive(nats["cpu_ms_per_step"]["server"])
+    assert sum(nodes) == pytest.approx(nats["cpu_ms_per_step"]["server"], abs=0.005)
+
+
+def test_nats_bench_r1_case_keeps_its_json_shape() -> None:
+    """At R1 a case's JSON has exactly the keys bench.readme, bench.scale and `python -m
+    bench` have always read: the R3 fields are left out."""
+    from bench.nats_bench import Result, as_json
+
+    r = Result("nats", 1, 1.0, 8.0, 1.0, 2.0, 3.0, 1.5, {"server": 0.2, "worker": 0.1})
+    assert list(as_json(r)) == ["case", "workers", "steps_per_s", "msgs_per_s",
+                                "latency_p50_ms", "latency_p90_ms", "latency_p99_ms",
+                                "latency_mean_ms", "cpu_ms_per_step"]
+    r.replicas, r.server_nodes_cpu_ms_per_step = 3, [0.1, 0.05, 0.05]
+    assert as_json(r)["replicas"] == 3
+
+
+def _nats_cases(server: list[float], worker: float, nodes: list[list[float]] | None = None
+                ) -> list[dict[str, Any]]:
+    """A bench.nats_bench --json result: a ZeroMQ and a one-worker NATS case per repeat."""
+    out: list[dict[str, Any]] = []
+    for i, s in enumerate(server):
+        base = {"workers": 1, "steps_per_s": 1000.0, "repeat": i + 1}
+        out.append({"case": "zmq", **base, "cpu_ms_per_step": {"worker": 0.1}})
+        nats = {"case": "nats", **base, "cpu_ms_per_step": {"server": s, "worker": worker}}
+        if nodes is not None:
+            nats |= {"replicas": 3, "server_nodes_cpu_ms_per_step": nodes[i]}
+        out.append(nats)
+    return out
+
+
+def test_scale_uses_the_measured_r3_server_cpu(tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """Given R3 results, the table's R3 server cores are the measured ones (the median over
+    repeats), not 3 x R1 with `≈`; the busiest node gives an R3 ceiling. Without them, the
+    estimate remains."""
+    from bench import scale
+
+    bench = {"sections": {
+        "cost": {"rows": [{"actions": 18, "encoding": "json", "models": m,
+                           "worker": {"cpu_us_per_window": {"median": us}}}
+                          for m, us in ((8, 70.0), (20, 160.0))]},
+        "zmq_lockstep": {"rows": [{"actions": 18, "encoding": "json", "message_bytes": 411}]}}}
+    files = {"bench.json": bench,
+             "m8.json": _nats_cases([0.2, 0.2, 0.2], 0.12),
+             "m20.json": _nats_cases([0.5, 0.5, 0.5], 0.26),
+             # R3: 5x R1 (so 3x would be wrong), repeats out of order (the median is 1.0)
+             "m8-r3.json": _nats_cases([1.5, 1.0, 0.9], 0.13,
+                                       [[0.5, 0.5, 0.5], [0.3, 0.4, 0.3], [0.3, 0.3, 0.3]]),
+             "m20-r3.json": _nats_cases([2.5, 2.5, 2.5], 0.27, [[1.0, 0.75, 0.75]] * 3)}
+    for name, data in files.items():
+        (tmp_path / name).write_text(json.dumps(data))
+    nats = [f"{m}:{tmp_path / f}" for m, f in ((8, "m8.json"), (20, "m20.json"))]
+    r3 = [f"{m}:{tmp_path / f}" for m, f in ((8, "m8-r3.json"), (20, "m20-r3.json"))]
+
+    def table(*specs: str) -> tuple[dict[tuple[str, str], list[str]], str]:
+        assert scale.main(["--bench", str(tmp_path / "bench.json"), "--nats", *specs]) == 0
+        text = capsys.readouterr().out
+        rows = [[c.strip() for c in line.strip("|").split("|")]
+                for line in text.splitlines() if line.startswith("| 1")]
+        return {(r[0], r[1]): r for r in rows}, text
+
+    rows, text = table(*nats, *r3)
+    assert rows[("10k", "8")][4] == "2.0 / 10"      # 10k steps/s x 1.0 ms (not ≈6.0)
+    assert rows[("10k", "20")][4] == "5.0 / 25"
+    assert rows[("10k", "8")][3] == "1.2"           # the worker on NATS: R1's figure
+    assert "≈" not in text
+    assert "R3 (the three nodes' sum) M = 8: 1,000 µs, M = 20: 2,500 µs" in text
+    assert "of it the busiest node M = 8: 400 µs, M = 20: 1,000 µs" in text
+    # 16 cores / 400 µs on the busiest node: 40k steps/s, a ceiling at 100k, not at 10k
+    assert "the busiest node's 16 cores (≤ 40k steps/s at R3)" in rows[("100k", "8")][7]
+    assert rows[("10k", "8")][7] == "fits"
+
+    rows, text = table(*nats)                        # no R3 results: the estimate
+    assert rows[("10k", "8")][4] == "2.0 / ≈6.0"
+    assert "R3 not measured (≈ 3 × R1)" in text
+    assert "at R3" not in text
