@@ -78,6 +78,20 @@ def breakdown_table(result: dict[str, Any]) -> str:
                 "rest", "books, after the action"], rows)
 
 
+def traced_table(result: dict[str, Any]) -> str:
+    """The lockstep latency seen from inside the worker (a traced run), when measured."""
+    rows = []
+    for row in result["sections"]["zmq_lockstep"]["rows"]:
+        t = row["breakdown"].get("traced")
+        if t and t["windows"]:
+            rows.append([f"{row['actions']}, {row['encoding']}", num(t["in_us"]),
+                         num(t["worker_us"]), num(t["out_us"]), f"{t['late']:g}"])
+    if not rows:
+        return ""
+    return _md(["A, frames", "last publish → last message read", "→ action sent",
+                "→ action received", "messages read after the last publish"], rows)
+
+
 def cost_table(result: dict[str, Any]) -> str:
     rows = []
     for row in result["sections"]["cost"]["rows"]:
@@ -159,6 +173,9 @@ def render(result: dict[str, Any]) -> str:
            targets_table(result)]
     if "zmq_lockstep" in result.get("sections", {}):
         out += ["", breakdown_table(result)]
+        traced = traced_table(result)
+        if traced:
+            out += ["", traced]
     if "cost" in result.get("sections", {}):
         out += ["", cost_table(result)]
     out += ["", figures_table(result)]
@@ -215,9 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = json.loads(args.json.read_text())
     print(render(result))
     if args.nats:
-        nats = {int(m): json.loads(Path(f).read_text())
-                for m, _, f in (x.partition(":") for x in args.nats)}
-        costs = scale.costs_from(result, nats)
+        costs = scale.costs_from(result, scale.load_nats(args.nats))
         print()
         print(scale.markdown(costs))
         print()

@@ -48,7 +48,23 @@ def zmq_lockstep(r: dict[str, Any]) -> list[str]:
             *table(["A", "frames", "worker p50", "wire", "receive path", "earlier msgs left",
                     "last msg -> action", "of it: decode", "of it: aggregate", "rest",
                     "books after"], [_breakdown(row) for row in r["rows"]])]
+    traced = [row for row in r["rows"] if row["breakdown"].get("traced")]
+    if traced:
+        out += ["", "  the same, seen from inside the worker (one more run, on a worker that notes "
+                    "its receives and actions: bench/trace_hook; p50, µs): the driver's last "
+                    "publish -> the worker has read the last message -> the action handed to "
+                    "ZeroMQ -> the driver has it; and how many of the window's messages were "
+                    "read only after the last publish",
+                *table(["A", "frames", "in", "worker", "out", "late msgs", "windows"],
+                       [_traced(row) for row in traced])]
     return out
+
+
+def _traced(row: dict[str, Any]) -> list[str]:
+    t = row["breakdown"]["traced"]
+    return [str(row["actions"]), row["encoding"], *(num(t[k]) if t[k] is not None else "-"
+                                                     for k in ("in_us", "worker_us", "out_us")),
+            f"{t['late']:g}" if t["late"] is not None else "-", f"{t['windows']}/{t['of']}"]
 
 
 def breakdown_parts(row: dict[str, Any]) -> dict[str, float]:

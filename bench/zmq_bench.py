@@ -90,9 +90,12 @@ def handshake(swarm: Swarm, children: Sequence[Child],
 
 
 @contextmanager
-def peer(kind: str, plan: Plan, keyed: bool = False, metrics_port: int = 0) -> Iterator[Peer]:
+def peer(kind: str, plan: Plan, keyed: bool = False, metrics_port: int = 0,
+         trace: Path | None = None) -> Iterator[Peer]:
     """`worker`, `pingpong` (zmq-echo) or `raw` (zmq-echo --parse), connected and answering;
-    `before`: the worker of the checkout `plan.before`; `transport`: bench.transport_echo."""
+    `before`: the worker of the checkout `plan.before`; `transport`: bench.transport_echo.
+    `trace` (a worker): the file its receives and actions are noted in when it exits
+    (bench/trace_hook)."""
     sub_ep = f"tcp://{HOST}:{free_port()}"
     pub_ep = f"tcp://{HOST}:{free_port()}"
     root = ROOT
@@ -107,6 +110,9 @@ def peer(kind: str, plan: Plan, keyed: bool = False, metrics_port: int = 0) -> I
             keys["window__key"] = ["ENV_ID", "STEP"]
         argv = python("-m", "processor", "run")
         env = worker_env(**keys)
+        if trace is not None:
+            env["SWARM_BENCH_TRACE"] = str(trace)
+            env["PYTHONPATH"] = str(ROOT / "bench" / "trace_hook")
     elif kind == "transport":  # the worker's transport and loop, no work (lockstep)
         argv = python("-m", "bench.transport_echo", "--sub", sub_ep, "--pub", pub_ep,
                       "--models", str(plan.models))

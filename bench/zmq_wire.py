@@ -24,11 +24,14 @@ beside the current one, in the same run.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import gc
 import statistics
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -69,9 +72,11 @@ def keyed_frames(models: int, actions: int, env_id: str, encoding: str
 
 
 def run_lockstep(p: Peer, rows: list[list[Frames]], steps: int, warmup: int,
-                 max_s: float) -> tuple[Run, list[int]]:
+                 max_s: float, stamps: list[tuple[int, int, int]] | None = None
+                 ) -> tuple[Run, list[int]]:
     """Lockstep windows: steps/s, the latency from the last publish to the action, and how
-    long the driver took to publish each window's messages (first to last publish)."""
+    long the driver took to publish each window's messages (first to last publish).
+    `stamps` gets each timed window's (first publish, last publish, action received)."""
     send, recv = p.link.pub.send_multipart, p.link.sub.recv_multipart
     pool = len(rows)
     clock = time.perf_counter_ns
@@ -105,6 +110,8 @@ def run_lockstep(p: Peer, rows: list[list[Frames]], steps: int, warmup: int,
             if i >= 0:
                 latencies.append(t1 - t0)
                 spans.append(t0 - first)
+                if stamps is not None:
+                    stamps.append((first, t0, t1))
                 done += 1
                 if t1 - start > max_ns:
                     break
@@ -245,6 +252,8 @@ def lockstep_section(plan: Plan) -> dict[str, Any]:
         parse = row["breakdown"]["parse_all_us"]
         row["floor_ratio_p50"] = (wire + max(0.0, parse - row["send_span_us"])) / wire
         rows.append(row)
+    for row, parts in zip(rows, traced_lockstep(plan, cases, frames)):
+        row["breakdown"]["traced"] = parts
     return {"config": {"models": plan.models, "mode": "lockstep", "repeats": plan.repeats,
                        "steps_per_repeat": plan.lockstep_steps,
                        "max_s_per_repeat": plan.lockstep_max_s,
@@ -252,6 +261,56 @@ def lockstep_section(plan: Plan) -> dict[str, Any]:
                        "deterministic": False, "before": plan.before or None,
                        "latency": "publish of the window's last message -> action received"},
             "rows": rows}
+
+
+def traced_lockstep(plan: Plan, cases: Sequence[tuple[int, str]],
+                    frames: dict[tuple[int, str], list[list[Frames]]]) -> list[dict[str, Any]]:
+    """Each case once more, on a worker that notes its receives and actions in its own
+    process (bench/trace_hook): where the latency goes, seen from inside the worker."""
+    stamps: dict[tuple[int, str], list[tuple[int, int, int]]] = {c: [] for c in cases}
+    with tempfile.TemporaryDirectory(prefix="swarm-trace-") as tmp:
+        path = Path(tmp) / "trace.txt"
+        with peer("worker", plan, trace=path) as p:
+            for c in cases:
+                run_lockstep(p, frames[c], plan.lockstep_steps, plan.warmup_steps,
+                             plan.lockstep_max_s, stamps[c])
+        notes = [line.split() for line in path.read_text().splitlines()]
+    return [traced_parts(stamps[c], [(k, int(a), int(b), int(n)) for k, a, b, n in notes])
+            for c in cases]
+
+
+def traced_parts(stamps: Sequence[tuple[int, int, int]],
+                 notes: Sequence[tuple[str, int, int, int]]) -> dict[str, Any]:
+    """Medians (µs) over the windows, from the driver's stamps and the worker's notes:
+
+    - in: from the last publish to the end of the worker's receive that read the last
+      message (the wire, and the worker's reading);
+    - worker: from there to the action handed to the socket (decoding, windows,
+      aggregation, encoding);
+    - out: from the end of that hand-over to the action in the driver's hands (the wire
+      back; a worker thread that loses its core right after sending can make one
+      negative);
+    - late: how many of the window's messages the worker read only after the last
+      publish, when nothing is left to overlap their decoding with.
+    """
+    reads = [n for n in notes if n[0] == "r"]
+    ends = [n[2] for n in reads]
+    sends = [n for n in notes if n[0] == "p"]
+    starts = [n[1] for n in sends]
+    parts: dict[str, list[float]] = {"in_us": [], "worker_us": [], "out_us": [], "late": []}
+    for first, t0, t1 in stamps:
+        window = reads[bisect.bisect_left(ends, first):bisect.bisect_right(ends, t1)]
+        k = bisect.bisect_left(starts, t0)
+        if not window or k == len(sends) or sends[k][1] > t1:
+            continue  # (a window the notes do not cover)
+        last, send = window[-1], sends[k]
+        parts["in_us"].append((last[2] - t0) / 1e3)
+        parts["worker_us"].append((send[1] - last[2]) / 1e3)
+        parts["out_us"].append((t1 - send[2]) / 1e3)
+        parts["late"].append(sum(n[3] for n in window if n[2] > t0))
+    out: dict[str, Any] = {"windows": len(parts["late"]), "of": len(stamps)}
+    out.update({k: statistics.median(v) if v else None for k, v in parts.items()})
+    return out
 
 
 def _paired_ratios(worker: Sequence[Run], base: Sequence[Run], q: float = 50) -> list[float]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import signal
+import statistics
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -138,6 +139,12 @@ def test_quick_suite_binary_frames_breakdown_cost_and_targets(quick: dict[str, A
         assert row["transport"]["lost"] == 0 and row["transport"]["steps"] > 0
         assert all(positive(v) for k, v in row["breakdown"].items() if k.endswith("_us"))
         assert positive(row["send_span_us"])
+        # The traced run: every window matched to the worker's own notes, each part
+        # positive, and at most M messages read after the last publish.
+        t = row["breakdown"]["traced"]
+        assert t["windows"] == t["of"] > 0
+        assert positive(t["in_us"]) and positive(t["worker_us"]) and positive(t["out_us"])
+        assert 1 <= t["late"] <= quick["sections"]["zmq_lockstep"]["config"]["models"]
     cost = quick["sections"]["cost"]
     assert cost["rows"] and all(positive(r["worker"]["cpu_us_per_window"]["median"])
                                 for r in cost["rows"])
@@ -270,3 +277,29 @@ def test_scale_uses_the_measured_r3_server_cpu(tmp_path: Path,
     assert rows[("10k", "8")][4] == "2.0 / ≈6.0"
     assert "R3 not measured (≈ 3 × R1)" in text
     assert "at R3" not in text
+
+
+def test_traced_parts_line_the_worker_notes_up_with_the_driver_stamps() -> None:
+    """Two windows on one clock (ns): the driver's (first publish, last publish, action
+    received), the worker's receives (r, start, end, messages) and actions (p, start, end).
+    Notes outside the windows (a PEEK's reply, the previous window) must not count."""
+    from bench.zmq_wire import traced_parts
+
+    stamps = [(1_000, 21_000, 200_000), (300_000, 320_000, 500_000)]
+    notes = [("r", 0, 900, 3), ("p", 500, 700, 0),                        # before both
+             ("r", 30_000, 40_000, 2), ("r", 50_000, 90_000, 18),         # window 1
+             ("p", 150_000, 160_000, 0),
+             ("r", 310_000, 318_000, 5), ("r", 330_000, 370_000, 15),     # window 2
+             ("p", 400_000, 410_000, 0)]
+    t = traced_parts(stamps, notes)
+    assert t["windows"] == t["of"] == 2
+    # in: last read's end - last publish; worker: to the action's send; out: to receipt
+    assert t["in_us"] == statistics.median([(90_000 - 21_000) / 1e3, (370_000 - 320_000) / 1e3])
+    assert t["worker_us"] == statistics.median([(150_000 - 90_000) / 1e3,
+                                                (400_000 - 370_000) / 1e3])
+    assert t["out_us"] == statistics.median([(200_000 - 160_000) / 1e3,
+                                             (500_000 - 410_000) / 1e3])
+    assert t["late"] == statistics.median([20, 15])  # reads ending after the last publish
+    # A window whose action the notes lack is left out, not matched to the next one's.
+    without = [n for n in notes if n[1] != 150_000]
+    assert traced_parts(stamps, without)["windows"] == 1
