@@ -38,7 +38,7 @@ import zmq
 
 from .common import ROOT, BenchError, Plan, cpu_seconds, stat
 from .zmq_bench import Peer, peer
-from .zmq_wire import BINARY, JSON, _window_sender, keyed_frames
+from .zmq_wire import BINARY, JSON, _window_sender, keyed_frames, packs
 
 WORKLOAD = ROOT / "bench" / "cost_workload.py"
 
@@ -96,10 +96,11 @@ def instructions(root: Path, models: int, actions: int, encoding: str, windows: 
 
 
 def cpu_per_window(p: Peer, rows: list[list[tuple[bytes, tuple[bytes, ...]]]],
-                   inflight: int, windows: int) -> float:
-    """The peer's CPU seconds per window over exactly `windows` keyed windows."""
+                   inflight: int, windows: int, packed: bool) -> float:
+    """The peer's CPU seconds per window over exactly `windows` keyed windows (binary
+    logits packed in one body, or in three frames)."""
     recv = p.link.sub.recv_multipart
-    window = _window_sender(p.link.pub.send_multipart, rows)
+    window = _window_sender(p.link.pub.send_multipart, rows, packed)
     before = cpu_seconds(p.child.pid)
     sent = received = 0
     gc.disable()
@@ -146,10 +147,11 @@ def cpu_times(plan: Plan, kinds: tuple[str, ...]) -> dict[tuple[int, int, str], 
                         # Fresh ENV_IDs: the worker remembers closed keys (late).
                         env = f"cost-{k}-{c[1]}-{c[2]}-{rep}"
                         warm = keyed_frames(m, c[1], env + "-warm", c[2])
-                        cpu_per_window(peers[k], warm, plan.inflight, max(10, n // 10))
+                        form = packs(k, plan)
+                        cpu_per_window(peers[k], warm, plan.inflight, max(10, n // 10), form)
                         rows = keyed_frames(m, c[1], env, c[2])
                         runs[c][k].append(1e6 * cpu_per_window(peers[k], rows, plan.inflight,
-                                                               n))
+                                                               n, form))
         for c, by in runs.items():
             out[c] = {k: stat(v) for k, v in by.items()}
     return out

@@ -71,8 +71,12 @@ class Requests:
 
 
 def messages(models: int, actions: int, encoding: str, pool: int = 8) -> list[list[Any]]:
-    """`[step][model]` payloads as the memory bus carries them: JSON bytes, or (JSON
-    header, float32 values) for binary logits (what the ZeroMQ transport hands over)."""
+    """`[step][model]` payloads as the memory bus carries them: JSON bytes; for binary
+    logits one packed body where the checkout reads it (`processor.messages.pack`), else
+    (JSON header, float32 values), what the ZeroMQ transport hands over for three frames."""
+    from processor import messages
+
+    pack = getattr(messages, "pack", None)
     rng = np.random.default_rng(0)
     out = []
     for _ in range(pool):
@@ -81,7 +85,8 @@ def messages(models: int, actions: int, encoding: str, pool: int = 8) -> list[li
         for m in range(models):
             obj = {"COMPONENT_ID": f"model-{m:02d}", "DETERMINISTIC": False}
             if encoding == "binary":
-                row.append((orjson.dumps(obj), x[m].astype("<f4").tobytes()))
+                parts = (orjson.dumps(obj), x[m].astype("<f4").tobytes())
+                row.append(pack(*parts) if pack is not None else parts)
             else:
                 row.append(orjson.dumps({**obj, "LOGITS": x[m].tolist()}))
         out.append(row)

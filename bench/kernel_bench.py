@@ -54,7 +54,7 @@ def timed(fn: Callable[[], Any], plan: Plan, per: int = 1) -> dict[str, Any]:
 def kernel_section(plan: Plan) -> dict[str, Any]:
     from processor.aggregate import SumProbs, use_one_thread
     from processor.config import LimitsConfig
-    from processor.messages import decode_binary, decode_object, encode_binary, parse_logits
+    from processor.messages import decode_logits, decode_object, encode_packed, parse_logits
 
     use_one_thread()  # as a running worker does
     strategy = SumProbs(seed=0)
@@ -78,21 +78,20 @@ def kernel_section(plan: Plan) -> dict[str, Any]:
         obj = decode_object(body, limits.max_message_bytes)
         return parse_logits(obj, (), limits.max_actions, limits.max_batch)
 
-    def decode_binary_one(meta: bytes, values: bytes) -> Any:
-        obj = decode_binary(meta, values, limits.max_message_bytes)
-        return parse_logits(obj, (), limits.max_actions, limits.max_batch)
+    def decode_binary_one(body: bytes) -> Any:  # one packed body, as the client sends it
+        return decode_logits(body, (), limits.max_message_bytes, limits.max_actions,
+                             limits.max_batch)
 
     decode = []
     for a in plan.decode_actions:
         body = payloads.lockstep_bodies(plan.models, a, pool=1)[0][0]
         obj = orjson.loads(body)
-        meta, values = encode_binary(obj, obj["LOGITS"])
+        packed = encode_packed(obj, obj["LOGITS"])
         decode.append({"actions": a, "message_bytes": len(body),
                        "decode_us": timed(partial(decode_one, body), plan),
                        "orjson_loads_us": timed(partial(orjson.loads, body), plan),
-                       "binary_bytes": len(meta) + len(values),
-                       "binary_decode_us": timed(partial(decode_binary_one, meta, values),
-                                                 plan)})
+                       "binary_bytes": len(packed),
+                       "binary_decode_us": timed(partial(decode_binary_one, packed), plan)})
     return {"config": {"strategy": "sum_probs", "deterministic": False, "batch_B": 1,
                        "repeats": plan.kernel_repeats,
                        "timing_s": plan.timing_s, "torch_threads": _torch_threads()},

@@ -3,9 +3,9 @@
 - `zmq-echo`: the worker's sockets (SUB bound for logits and evolution, PUB bound for
   actions) with no aggregation: after every M logits messages it publishes an action.
   Without `--parse` it does not look inside the messages: the ZeroMQ ping-pong, the latency
-  floor. With `--parse` it runs `orjson.loads` on every message (on binary logits, three
-  frames: on the JSON header, then `np.frombuffer` on the values) and echoes the STEP of
-  the last one: the raw ceiling of a Python receiver.
+  floor. With `--parse` it runs `orjson.loads` on every message (on binary logits, packed
+  in one body or in three frames: on the JSON header, then `np.frombuffer` on the values)
+  and echoes the STEP of the last one: the raw ceiling of a Python receiver.
 - `swergio-server`: the PyPI swergio 0.0.2 server, unchanged.
 - `swergio-echo`: a swergio component with no math: it answers every M logits messages
   with an action, and a GET with an empty CONTRIBUTION. With `--quickack` it avoids the
@@ -68,9 +68,14 @@ def zmq_echo(sub: str, pub: str, models: int, parse: bool) -> None:
         if topic == b"logits":
             count += 1
             if parse:
-                obj = loads(body)
-                if len(frames) == 3:  # binary logits: [topic, JSON header, float32 values]
-                    frombuffer(frames[2], dtype="<f4")
+                if body[:1] == b"\x00":  # binary logits packed in one body: header, values
+                    end = 5 + int.from_bytes(body[1:5], "little")
+                    obj = loads(body[5:end])
+                    frombuffer(body, dtype="<f4", offset=end)
+                else:
+                    obj = loads(body)
+                    if len(frames) == 3:  # binary logits: [topic, JSON header, values]
+                        frombuffer(frames[2], dtype="<f4")
             if count == models:
                 count = 0
                 if parse and "STEP" in obj:

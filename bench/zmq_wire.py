@@ -38,6 +38,8 @@ import numpy as np
 import orjson
 import zmq
 
+from processor.messages import PACKED, pack
+
 from . import payloads
 from .common import BenchError, CpuMeter, Plan, Run, ratio, summarize
 from .zmq_bench import Peer, peer
@@ -49,10 +51,21 @@ JSON, BINARY = "json", "binary"
 # -- messages ------------------------------------------------------------------------------
 
 
-def lockstep_frames(models: int, actions: int, encoding: str) -> list[list[Frames]]:
+def packs(kind: str, plan: Plan) -> bool:
+    """Whether a peer gets binary logits packed in one body (`processor.messages.pack`):
+    every peer but a `before` worker whose checkout does not read them; that one gets the
+    three frames, `[b"logits", JSON header, float32 values]`, the form it reads."""
+    if kind != "before":
+        return True
+    return "def decode_packed" in (Path(plan.before) / "processor" / "messages.py").read_text()
+
+
+def lockstep_frames(models: int, actions: int, encoding: str, packed: bool = True
+                    ) -> list[list[Frames]]:
     """`[step][model]` complete messages of lockstep windows."""
     if encoding == BINARY:
-        return [[(b"logits", meta, values) for meta, values in row]
+        return [[(b"logits", pack(meta, values)) if packed else (b"logits", meta, values)
+                 for meta, values in row]
                 for row in payloads.lockstep_binary(models, actions)]
     return [[(b"logits", body) for body in row]
             for row in payloads.lockstep_bodies(models, actions)]
@@ -122,10 +135,15 @@ def run_lockstep(p: Peer, rows: list[list[Frames]], steps: int, warmup: int,
     return meter.stop(run), spans
 
 
-def _window_sender(send: Any, rows: list[list[tuple[bytes, Frames]]]) -> Any:
-    """`send_window(n)`: window n's M messages, its STEP filled in, JSON or binary."""
+def _window_sender(send: Any, rows: list[list[tuple[bytes, Frames]]], packed: bool) -> Any:
+    """`send_window(n)`: window n's M messages, its STEP filled in, JSON or binary (packed
+    in one body, or in three frames)."""
     pool = len(rows)
-    if rows[0][0][1]:
+    if rows[0][0][1] and packed:
+        def window(n: int) -> None:
+            for prefix, (values,) in rows[n % pool]:
+                send((b"logits", pack(prefix + b"%d}" % n, values)))
+    elif rows[0][0][1]:
         def window(n: int) -> None:
             for prefix, (values,) in rows[n % pool]:
                 send((b"logits", prefix + b"%d}" % n, values))
@@ -137,12 +155,12 @@ def _window_sender(send: Any, rows: list[list[tuple[bytes, Frames]]]) -> Any:
 
 
 def run_pipelined(p: Peer, rows: list[list[tuple[bytes, Frames]]], inflight: int,
-                  windows: int, warmup: int, max_s: float) -> Run:
+                  windows: int, warmup: int, max_s: float, packed: bool = True) -> Run:
     """K keyed windows outstanding; the rate while the pipe is full, and any loss."""
     sub = p.link.sub
     recv = sub.recv_multipart
     loads = orjson.loads
-    window = _window_sender(p.link.pub.send_multipart, rows)
+    window = _window_sender(p.link.pub.send_multipart, rows, packed)
     clock = time.perf_counter_ns
     sent_at: dict[int, int] = {}
     latencies: list[int] = []
@@ -218,6 +236,8 @@ def lockstep_section(plan: Plan) -> dict[str, Any]:
     cases = lockstep_cases(plan)
     frames = {c: lockstep_frames(plan.models, c[0], c[1]) for c in cases}
     kinds = (*_workers(plan), "transport", "pingpong")
+    three = {c: lockstep_frames(plan.models, c[0], c[1], packed=False) for c in cases}
+    forms = {k: frames if packs(k, plan) else three for k in kinds}
     runs: dict[tuple[int, str], dict[str, list[Run]]] = {c: {k: [] for k in kinds}
                                                          for c in cases}
     spans: dict[tuple[int, str], list[int]] = {c: [] for c in cases}
@@ -225,7 +245,7 @@ def lockstep_section(plan: Plan) -> dict[str, Any]:
         for _ in range(plan.repeats):
             for c in cases:
                 for k in kinds:
-                    run, span = run_lockstep(peers[k], frames[c], plan.lockstep_steps,
+                    run, span = run_lockstep(peers[k], forms[k][c], plan.lockstep_steps,
                                              plan.warmup_steps, plan.lockstep_max_s)
                     runs[c][k].append(run)
                     if k == "worker":
@@ -334,7 +354,7 @@ def pipelined_section(plan: Plan) -> dict[str, Any]:
                     rows = keyed_frames(plan.models, c[0], f"{k}-{c[0]}-{c[1]}-{rep}", c[1])
                     runs[c][k].append(run_pipelined(peers[k], rows, plan.inflight,
                                                     plan.pipelined_windows, plan.warmup_steps,
-                                                    plan.pipelined_max_s))
+                                                    plan.pipelined_max_s, packs(k, plan)))
     out = []
     for c in cases:
         row: dict[str, Any] = {"actions": c[0], "encoding": c[1]}
@@ -389,6 +409,15 @@ class _Probe:
         return None
 
 
+def _json_part(m: bytes | tuple[bytes, bytes]) -> bytes:
+    """The JSON of a payload: the text itself, or the header of binary logits."""
+    if isinstance(m, tuple):
+        return m[0]
+    if m[:1] == PACKED:
+        return m[5:5 + int.from_bytes(m[1:5], "little")]
+    return m
+
+
 def lockstep_breakdown(plan: Plan, actions: int, encoding: str) -> dict[str, Any]:
     """The worker's CPU time per lockstep window, in this process, by part (µs, median)."""
     from processor.aggregate import use_one_thread
@@ -427,7 +456,7 @@ def lockstep_breakdown(plan: Plan, actions: int, encoding: str) -> dict[str, Any
             worker.strategy.decide(x, det)
             t5 = clock()
             for m in row:
-                loads(m if isinstance(m, bytes) else m[0])
+                loads(_json_part(m))
             t6 = clock()
             parts["parse"].append(t6 - t5)
             parts["aggregate"].append(t5 - t4)

@@ -27,9 +27,9 @@ COMMANDS: tuple[str, ...] = ("GET", "PEEK", "RESET", "SET_MODEL_WEIGHTS")
 PROPAGATED = ("ROOT_ID", "MODEL_STATUS")
 
 
-# What a transport hands over: JSON bytes; (JSON bytes, float32 values) for binary logits
-# (ZeroMQ); or an object already decoded, where the transport had to read the body to
-# route it (swergio's TO_ROOM).
+# What a transport hands over: JSON bytes, or a packed binary body (`decode_packed`); (JSON
+# bytes, float32 values) for binary logits in two frames (ZeroMQ); or an object already
+# decoded, where the transport had to read the body to route it (swergio's TO_ROOM).
 Payload = bytes | tuple[bytes, bytes] | dict[str, Any]
 
 
@@ -137,13 +137,51 @@ def decode_object(payload: bytes, max_bytes: int) -> dict[str, Any]:
     return obj
 
 
+PACKED = b"\x00"  # the first byte of a packed binary body (no JSON text begins with it)
+_PACKED_HEAD = 5  # PACKED, then the JSON header's length in bytes (uint32, little-endian)
+_header_length = struct.Struct("<xI").unpack_from
+
+
+def decode_packed(body: bytes, max_bytes: int) -> dict[str, Any]:
+    """A binary logits message in one body: PACKED, the JSON header's length (4 bytes,
+    little-endian), the JSON header (the message without LOGITS, as in `decode_binary`),
+    then the values as little-endian float32, read in place."""
+    size = len(body)
+    if size > max_bytes:
+        raise DecodeError("too_large", f"{size} bytes > limit {max_bytes}")
+    try:
+        end = _PACKED_HEAD + _header_length(body)[0]
+    except struct.error:
+        end = -1
+    if not _PACKED_HEAD <= end <= size:
+        raise DecodeError("bad_logits", f"a packed body of {size} bytes without a whole JSON "
+                          "header")
+    return _with_values(decode_object(body[_PACKED_HEAD:end], max_bytes), body, end)
+
+
+def encode_packed(obj: dict[str, Any], logits: Any) -> bytes:
+    """A binary logits message as one body (`decode_packed`), for models in Python."""
+    return pack(*encode_binary(obj, logits))
+
+
+def pack(meta: bytes, values: bytes) -> bytes:
+    """The packed body of a JSON header and its float32 values; the header is padded with
+    spaces so that the values begin on a multiple of 4 bytes."""
+    meta += b" " * (-(_PACKED_HEAD + len(meta)) % 4)
+    return b"".join((PACKED, len(meta).to_bytes(4, "little"), meta, values))
+
+
 def decode_binary(meta: bytes, values: bytes, max_bytes: int) -> dict[str, Any]:
     """A logits message in two parts: JSON without LOGITS, and float32 little-endian values.
 
     `SHAPE` ([B, A]) in the JSON makes it a batch; without it the values are one row.
     """
-    obj = decode_object(meta, max_bytes)
-    size = len(values)
+    return _with_values(decode_object(meta, max_bytes), values, 0)
+
+
+def _with_values(obj: dict[str, Any], buffer: bytes, start: int) -> dict[str, Any]:
+    """obj's LOGITS: the float32 values from `start` to the end of `buffer`, in place."""
+    size = len(buffer) - start
     if size & 3 or not size:
         raise DecodeError("bad_logits", f"{size} bytes of values: not float32s",
                           component_id(obj))
@@ -157,7 +195,7 @@ def decode_binary(meta: bytes, values: bytes, max_bytes: int) -> dict[str, Any]:
                 and shape[0] * shape[1] == n):
             raise DecodeError("bad_logits", f"SHAPE {shape!r} does not fit {n} values",
                               component_id(obj))
-    obj["LOGITS"] = np.ndarray(shape, _LE_F32, values)  # a view of the bytes, read-only
+    obj["LOGITS"] = np.ndarray(shape, _LE_F32, buffer, start)  # a view, read-only
     return obj
 
 
@@ -298,7 +336,8 @@ def decode_logits(payload: Payload, key_fields: Sequence[str], max_bytes: int,
                   max_actions: int, max_batch: int) -> Logits:
     """One logits message from whatever form its transport gave; raises DecodeError."""
     if isinstance(payload, bytes):
-        obj = decode_object(payload, max_bytes)
+        obj = (decode_object(payload, max_bytes) if payload[:1] != PACKED
+               else decode_packed(payload, max_bytes))
     elif isinstance(payload, tuple):
         obj = decode_binary(payload[0], payload[1], max_bytes)
     else:

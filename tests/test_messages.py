@@ -18,6 +18,8 @@ from processor.messages import (
     decode_object,
     encode,
     encode_binary,
+    encode_packed,
+    pack,
     parse_logits,
 )
 
@@ -177,7 +179,8 @@ def test_decode_command_reads_only_messages_with_a_cmd():
 def test_decode_logits_takes_every_form_a_transport_gives():
     obj = {"LOGITS": [1.0, 2.0], "COMPONENT_ID": 7, "STEP": 3}
     forms = [orjson.dumps(obj), obj,
-             tuple(encode_binary({"COMPONENT_ID": 7, "STEP": 3}, [1.0, 2.0]))]
+             tuple(encode_binary({"COMPONENT_ID": 7, "STEP": 3}, [1.0, 2.0])),
+             encode_packed({"COMPONENT_ID": 7, "STEP": 3}, [1.0, 2.0])]
     for form in forms:
         msg = decode_logits(form, ("STEP",), LIMIT, 100, 100)
         assert msg.model == "7" and msg.key == (3,) and msg.logits.tolist() == [[1.0, 2.0]]
@@ -225,3 +228,56 @@ def test_fuzz_json_objects_are_accepted_only_when_valid(obj):
         m.logits.shape).tolist()
     assert isinstance(obj["STEP"], (int, str)) and not isinstance(obj["STEP"], bool)
     assert obj.get("DETERMINISTIC") is None or isinstance(obj["DETERMINISTIC"], bool)
+
+
+@pytest.mark.parametrize("logits", [[0.5, -1.0, 2.0], [[1, 2, 3], [4, 5, 6]],
+                                    np.arange(1000, dtype=np.float32) - 500])
+def test_a_packed_body_decodes_as_its_two_frames_do(logits):
+    obj = {"COMPONENT_ID": "m1", "ENV_ID": "e", "STEP": 3, "DETERMINISTIC": True,
+           "ROOT_ID": "r"}
+    body = encode_packed(obj, logits)
+    head = 5 + int.from_bytes(body[1:5], "little")
+    assert body[:1] == b"\x00" and head % 4 == 0  # the values start aligned
+    one = decode_logits(body, ("ENV_ID", "STEP"), LIMIT, 4096, 1024)
+    two = decode_logits(tuple(encode_binary(obj, logits)), ("ENV_ID", "STEP"), LIMIT, 4096,
+                        1024)
+    assert one.logits.tobytes() == two.logits.tobytes()
+    assert one.logits.shape == two.logits.shape == np.atleast_2d(logits).shape
+    assert (one.model, one.key, one.deterministic, one.extra) == \
+        (two.model, two.key, two.deterministic, two.extra)
+
+
+HEADER = b'{"COMPONENT_ID": "m"}'
+
+
+@pytest.mark.parametrize("body,reason", [
+    (b"\x00", "bad_logits"),                                     # no header length
+    (b"\x00\x02\x00", "bad_logits"),
+    (b"\x00\xff\xff\xff\xff{}", "bad_logits"),                   # header past the end
+    (pack(HEADER, b"\x00\x00\x80\x3f")[:12], "bad_logits"),       # cut inside the header
+    (pack(HEADER, b""), "bad_logits"),                           # no values
+    (pack(HEADER, b"\x00\x00\x80"), "bad_logits"),                # not float32s
+    (pack(b'{"COMPONENT_ID": "m", "SHAPE": [2, 2]}', b"\x00" * 12), "bad_logits"),
+    (pack(b"{oops}", b"\x00" * 4), "not_json"),
+    (pack(b"[1, 2]", b"\x00" * 4), "not_object"),
+    (pack(b'{"STEP": 1}', b"\x00" * 4), "missing_field"),
+    (pack(HEADER, np.array([1, np.inf], "<f4").tobytes()), "non_finite"),
+    (pack(HEADER, b"\x00" * (LIMIT + 4)), "too_large"),
+])
+def test_bad_packed_bodies_are_refused_with_their_reason(body, reason):
+    with pytest.raises(DecodeError) as e:
+        decode_logits(body, (), LIMIT, 4096, 1024)
+    assert e.value.reason == reason
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=64), st.binary(max_size=64), st.integers(0, 80))
+def test_fuzz_packed_bodies_never_escape_as_other_errors(header, values, cut):
+    for body in (b"\x00" + header + values, pack(header, values),
+                 pack(b'{"COMPONENT_ID": "m", "STEP": 1}', values)[:cut or None]):
+        try:
+            msg = decode_logits(body, ("STEP",), LIMIT, 4096, 1024)
+        except DecodeError as e:
+            assert e.reason in REASONS
+        else:
+            assert msg.logits.dtype == np.float32 and np.isfinite(msg.logits).all()

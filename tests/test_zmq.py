@@ -12,6 +12,7 @@ import orjson
 import pytest
 
 from processor.client import Swarm
+from processor.messages import encode_binary, pack
 from tests.procs import cli, free_port, output, process, worker_env, zmq_swarm
 from tests.reference import sum_probs
 
@@ -74,7 +75,7 @@ def test_bad_frames_do_not_stop_the_worker():
         try:
             peer.publish("logits", [b"{}", b"third frame"])
             peer.publish("logits", [])   # the topic frame alone
-            peer.publish("logits", b"\x00\x01not json")
+            peer.publish("logits", b"\x01\x02not json")  # (a zero byte first: packed)
             peer.publish("logits", {"LOGITS": [None, 1.0], "COMPONENT_ID": "x"})
             peer.publish("logitsXL", {"LOGITS": [1, 2], "COMPONENT_ID": "x"})  # not our topic
             run_steps(peer, np.random.default_rng(1), 20, 2)
@@ -130,15 +131,21 @@ def test_binary_logits_frames():
             for step, batch in enumerate([None, 4, None, 2] * 10):
                 shape = (3, 7) if batch is None else (3, batch, 7)
                 x = rng.normal(0, 2, shape).astype(np.float32)
+                nan = np.array([np.nan, 1], "<f4").tobytes()
                 bad = [[b"{}", b"\x00\x00\x80"],                                # not float32s
                        [orjson.dumps({"COMPONENT_ID": "z", "STEP": step, "SHAPE": [5, 5]}),
                         x[0].tobytes()],                                        # SHAPE lies
-                       [b'{"COMPONENT_ID": "z", "STEP": -1}',
-                        np.array([np.nan, 1], "<f4").tobytes()]]                # NaN
+                       [b'{"COMPONENT_ID": "z", "STEP": -1}', nan],             # NaN
+                       pack(b'{"COMPONENT_ID": "z", "STEP": -1}', nan)[:20],    # header cut
+                       pack(b'{"COMPONENT_ID": "z", "STEP": -1}', nan)]         # NaN, packed
                 for m, model in enumerate(models):
                     if m == 1:
-                        peer.publish("logits", bad[step % 3])
-                    model.send(x[m], step)   # [b"logits", JSON, float32 values]
+                        peer.publish("logits", bad[step % 5])
+                    if m == 2 and step % 2:  # the same logits in three frames: one window
+                        obj = {"COMPONENT_ID": "m2", "STEP": step, "DETERMINISTIC": True}
+                        peer.publish("logits", encode_binary(obj, x[m]))
+                    else:
+                        model.send(x[m], step)   # [b"logits", packed JSON and values]
                 out = env.wait(step, timeout=5)
                 stack = x[:, None, :] if batch is None else x
                 assert out["STEP"] == step
@@ -150,7 +157,7 @@ def test_binary_logits_frames():
         from tests.procs import metric
         rejected = {r: metric(mport, "swarm_aggregator_messages_rejected_total", reason=r)
                     for r in ("bad_logits", "non_finite", "bad_frame")}
-    assert rejected["bad_logits"] == 27 and rejected["non_finite"] == 13
+    assert rejected["bad_logits"] == 24 and rejected["non_finite"] == 16
     assert rejected["bad_frame"] == 1
 
 

@@ -19,7 +19,7 @@ import orjson
 
 from processor.config import Config
 from processor.errors import SwarmAggregatorError
-from processor.messages import encode, encode_binary
+from processor.messages import encode, encode_packed
 
 DEFAULT_BUFFER = 10_000     # actions (and messages per subscribed topic) held at most
 REMEMBERED_REQUESTS = 256   # request ids whose replies are kept while they are awaited
@@ -138,13 +138,14 @@ def json_logits(logits: Any) -> Any:
     return logits
 
 
-def binary_frames(msg: dict[str, Any]) -> list[bytes]:
-    """The two frames of a binary logits message (ZeroMQ). Values past float32's range
-    saturate, as the worker does for JSON (a float64 mask of -1e308 stays a mask)."""
+def packed_body(msg: dict[str, Any]) -> bytes:
+    """A binary logits message as one packed body (`processor.messages.decode_packed`).
+    Values past float32's range saturate, as the worker does for JSON (a float64 mask of
+    -1e308 stays a mask)."""
     arr = np.asarray(msg["LOGITS"])
     if arr.dtype != np.float32:
         arr = np.clip(arr.astype(np.float64), -F32_MAX, F32_MAX)
-    return encode_binary(msg, arr)
+    return encode_packed(msg, arr)
 
 
 def encode_json(msg: dict[str, Any]) -> bytes:

@@ -14,7 +14,7 @@ from typing import Any
 from processor.config import Config
 from transports.memory import MemoryBus, Subscription
 
-from ._core import Body, Receiver, binary_frames, decode_body, encode_json
+from ._core import Body, Receiver, decode_body, encode_json, packed_body
 
 
 class AsyncMemoryLink:
@@ -55,11 +55,7 @@ class AsyncMemoryLink:
 
     async def send_logits(self, topic: str, msg: dict[str, Any], key: tuple[Any, ...],
                           binary: bool) -> None:
-        if binary:
-            meta, values = binary_frames(msg)
-            self.bus.publish(topic, (meta, values))
-        else:
-            self.bus.publish(topic, encode_json(msg))
+        self.bus.publish(topic, packed_body(msg) if binary else encode_json(msg))
 
     async def close(self) -> None:
         if self._reader is not None:

@@ -25,7 +25,7 @@ import zmq.asyncio
 
 from processor.config import Config
 
-from ._core import Body, Receiver, binary_frames, decode_body, encode_json
+from ._core import Body, Receiver, decode_body, encode_json, packed_body
 
 LINGER_MS = 1000   # on close, what is still queued gets this long to leave
 MAX_BURST = 4096   # messages taken from the socket in one receive
@@ -60,7 +60,7 @@ def frames_of(topic: str, body: Body) -> list[bytes]:
 
 def logits_frames(topic: str, msg: dict[str, Any], binary: bool) -> list[bytes]:
     if binary:
-        return [topic.encode(), *binary_frames(msg)]
+        return [topic.encode(), packed_body(msg)]
     return [topic.encode(), encode_json(msg)]
 
 
