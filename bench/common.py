@@ -329,6 +329,24 @@ def logged_child(argv: list[str], env: dict[str, str] | None = None, log: Path |
         yield stack.enter_context(processes.child(argv, env=env, out=out, cwd=ROOT))
 
 
+def jetstream_up(proc: subprocess.Popen[bytes], monitor_port: int, timeout: float = 15.0
+                 ) -> bool:
+    """Wait until a nats-server says JetStream is ready (its /healthz); False when the
+    process ended or `timeout` passed first."""
+    end = time.monotonic() + timeout
+    url = f"http://{HOST}:{monitor_port}/healthz?js-enabled-only=true"
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=1) as r:
+                if r.status == 200:
+                    return True
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > end:
+            return False
+        time.sleep(0.05)
+
+
 class NatsNode:
     """One clustered nats-server (JetStream, file storage under `folder`) on loopback;
     keeps its ports, name and store across kill/restart."""

@@ -39,7 +39,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
@@ -51,6 +50,7 @@ import numpy as np
 from bench.common import (
     BenchError,
     NatsNode,
+    jetstream_up,
     logged_child,
     nats_binary,
     stat,
@@ -117,16 +117,8 @@ def nats_server(folder: Path) -> Iterator[str]:
             "-m", str(mport)]
     with logged_child(argv, log=folder / "nats-server.log") as proc:
         PIDS["server"] = [proc.pid]
-        end = time.monotonic() + 15
-        while True:
-            try:
-                url = f"http://{HOST}:{mport}/healthz?js-enabled-only=true"
-                if urllib.request.urlopen(url, timeout=1).status == 200:
-                    break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > end:
-                    raise Unavailable("nats-server did not start") from None
-                time.sleep(0.05)
+        if not jetstream_up(proc, mport):
+            raise Unavailable("nats-server did not start")
         yield f"nats://{HOST}:{port}"
 
 

@@ -34,6 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # the repository
 
 import orjson  # noqa: E402
 
+from bench.common import jetstream_up  # noqa: E402
+
 HOST = "127.0.0.1"
 TICK = os.sysconf("SC_CLK_TCK")
 P = 8
@@ -543,16 +545,8 @@ class Server:
         self.proc = subprocess.Popen(
             [server_binary(), "-js", "-sd", str(folder / "js"), "-p", str(self.port), "-a", HOST,
              "-m", str(self.mport)], stdout=self.log, stderr=subprocess.STDOUT, env=e)
-        end = time.monotonic() + 15
-        while True:
-            try:
-                u = f"http://{HOST}:{self.mport}/healthz?js-enabled-only=true"
-                if urllib.request.urlopen(u, timeout=1).status == 200:
-                    break
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > end:
-                    raise RuntimeError("nats-server did not start") from None
-                time.sleep(0.05)
+        if not jetstream_up(self.proc, self.mport):
+            raise RuntimeError("nats-server did not start")
 
     def stop(self) -> None:
         if self.proc.poll() is None:
