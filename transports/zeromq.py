@@ -1,8 +1,9 @@
 """ZeroMQ transport: a SUB socket in (logits, evolution), a PUB socket out (actions, replies).
 
-Logits may also come as three frames, `[topic, JSON, values]`: the JSON is the message
-without LOGITS (plus `"SHAPE": [B, A]` for a batch), the values are its logits as
-little-endian float32 (`array.astype("<f4").tobytes()`): no text to parse or convert.
+Binary logits (the message without LOGITS as a JSON header, plus `"SHAPE": [B, A]` for a
+batch, and the values as little-endian float32: no text to parse or convert) come packed in
+the frame after the topic (`processor.messages.pack`, read by the decoder like any payload),
+or as three frames, `[topic, JSON header, values]`, which this transport joins.
 
 Guarantees (ZeroMQ PUB/SUB): at-most-once; per-publisher order is kept; a message sent
 before the subscription reached the publisher is lost (the "slow joiner"); when a
