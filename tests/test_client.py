@@ -231,7 +231,7 @@ def test_the_sync_swarm_closes_its_loop_thread(pipeline: Pipeline) -> None:
 ZMQ_ONLY = pytest.mark.parametrize("pipeline", ["zmq"], indirect=True)
 
 
-@ZMQ_ONLY
+@pytest.mark.parametrize("pipeline", ["zmq", "nats"], indirect=True)
 def test_binary_float32_frames_mix_with_json(pipeline: Pipeline) -> None:
     xs = steps(np.random.default_rng(3), 6) + steps(np.random.default_rng(4), 6, batch=3)
     with connect(pipeline.cfg) as swarm:

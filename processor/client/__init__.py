@@ -10,10 +10,11 @@ Guarantees
   answered (the worker answers a repeated GET with the same report, without a second
   reset); on NATS, until every partition's worker has answered, and the shares are merged.
 - ZeroMQ: `ready()` sends PEEK until the worker answers, so nothing is lost to the slow
-  joiner after it; binary float32 frames on request. swergio: REGISTER and JOINROOM as the
-  worker does, each frame in one write with TCP_NODELAY, TCP_QUICKACK on reads, rooms
-  joined before they are written to. NATS: logits by JetStream publish, sent again without
-  a PubAck under the same `Nats-Msg-Id` (model and step key), so never stored twice.
+  joiner after it; binary float32 logits, packed in one frame, on request. swergio:
+  REGISTER and JOINROOM as the worker does, each frame in one write with TCP_NODELAY,
+  TCP_QUICKACK on reads, rooms joined before they are written to. NATS: logits by
+  JetStream publish, sent again without a PubAck under the same `Nats-Msg-Id` (model and
+  step key), so never stored twice; binary float32 logits, packed, on request.
 - Delivery is otherwise the transport's (README, "Guarantees per transport").
 
     from processor.client import connect

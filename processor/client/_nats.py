@@ -36,7 +36,15 @@ from nats.js import JetStreamContext
 from processor.config import Config
 from transports.nats import FastClient, connect_options, header_value, subject_token
 
-from ._core import Body, ClientError, NoReply, Receiver, decode_body, encode_json
+from ._core import (
+    Body,
+    ClientError,
+    NoReply,
+    Receiver,
+    decode_body,
+    encode_json,
+    packed_body,
+)
 
 log = logging.getLogger("swarm_aggregator.client")
 
@@ -185,11 +193,10 @@ class AsyncNatsLink:
 
     async def send_logits(self, topic: str, msg: dict[str, Any], key: tuple[Any, ...],
                           binary: bool) -> None:
-        # The worker's NATS intake takes JSON: binary float32 logits travel as JSON here.
         nc = self._conn()
         subject = subject_token(str(key[0])).encode()
         mid = msg_id(str(msg["COMPONENT_ID"]), key)
-        data = encode_json(msg)
+        data = packed_body(msg) if binary else encode_json(msg)  # (the payload, as it is)
         self._pids += 1
         pid = self._pids
         # A line break in the id (a key value, COMPONENT_ID) is a space: no header added.
