@@ -38,7 +38,7 @@ import numpy as np
 import orjson
 import zmq
 
-from processor.messages import PACKED, pack
+from processor.messages import PACKED, pack, split_packed
 
 from . import payloads
 from .common import BenchError, CpuMeter, Plan, Run, ratio, summarize
@@ -236,8 +236,10 @@ def lockstep_section(plan: Plan) -> dict[str, Any]:
     cases = lockstep_cases(plan)
     frames = {c: lockstep_frames(plan.models, c[0], c[1]) for c in cases}
     kinds = (*_workers(plan), "transport", "pingpong")
-    three = {c: lockstep_frames(plan.models, c[0], c[1], packed=False) for c in cases}
-    forms = {k: frames if packs(k, plan) else three for k in kinds}
+    forms = {k: frames for k in kinds if packs(k, plan)}
+    if len(forms) < len(kinds):  # a --before worker that reads binary in three frames only
+        three = {c: lockstep_frames(plan.models, c[0], c[1], packed=False) for c in cases}
+        forms.update({k: three for k in kinds if k not in forms})
     runs: dict[tuple[int, str], dict[str, list[Run]]] = {c: {k: [] for k in kinds}
                                                          for c in cases}
     spans: dict[tuple[int, str], list[int]] = {c: [] for c in cases}
@@ -413,9 +415,7 @@ def _json_part(m: bytes | tuple[bytes, bytes]) -> bytes:
     """The JSON of a payload: the text itself, or the header of binary logits."""
     if isinstance(m, tuple):
         return m[0]
-    if m[:1] == PACKED:
-        return m[5:5 + int.from_bytes(m[1:5], "little")]
-    return m
+    return split_packed(m)[0] if m[:1] == PACKED else m
 
 
 def lockstep_breakdown(plan: Plan, actions: int, encoding: str) -> dict[str, Any]:

@@ -28,8 +28,9 @@ PROPAGATED = ("ROOT_ID", "MODEL_STATUS")
 
 
 # What a transport hands over: JSON bytes, or a packed binary body (`decode_packed`); (JSON
-# bytes, float32 values) for binary logits in two frames (ZeroMQ); or an object already
-# decoded, where the transport had to read the body to route it (swergio's TO_ROOM).
+# bytes, float32 values) for binary logits in three frames, topic first (ZeroMQ); or an
+# object already decoded, where the transport had to read the body to route it (swergio's
+# TO_ROOM).
 Payload = bytes | tuple[bytes, bytes] | dict[str, Any]
 
 
@@ -146,17 +147,23 @@ def decode_packed(body: bytes, max_bytes: int) -> dict[str, Any]:
     """A binary logits message in one body: PACKED, the JSON header's length (4 bytes,
     little-endian), the JSON header (the message without LOGITS, as in `decode_binary`),
     then the values as little-endian float32, read in place."""
-    size = len(body)
-    if size > max_bytes:
-        raise DecodeError("too_large", f"{size} bytes > limit {max_bytes}")
+    if len(body) > max_bytes:
+        raise DecodeError("too_large", f"{len(body)} bytes > limit {max_bytes}")
+    header, end = split_packed(body)
+    return _with_values(decode_object(header, max_bytes), body, end)
+
+
+def split_packed(body: bytes) -> tuple[bytes, int]:
+    """A packed body's JSON header, and where its values begin; DecodeError when the
+    header's length points past the body's end."""
     try:
         end = _PACKED_HEAD + _header_length(body)[0]
     except struct.error:
         end = -1
-    if not _PACKED_HEAD <= end <= size:
-        raise DecodeError("bad_logits", f"a packed body of {size} bytes without a whole JSON "
-                          "header")
-    return _with_values(decode_object(body[_PACKED_HEAD:end], max_bytes), body, end)
+    if not _PACKED_HEAD <= end <= len(body):
+        raise DecodeError("bad_logits", f"a packed body of {len(body)} bytes without a whole "
+                          "JSON header")
+    return body[_PACKED_HEAD:end], end
 
 
 def encode_packed(obj: dict[str, Any], logits: Any) -> bytes:
@@ -243,25 +250,26 @@ def _row(raw: list[Any], sender: str, max_actions: int) -> np.ndarray:
     n = len(raw)
     if n > max_actions:
         raise DecodeError("bad_logits", f"{n} actions over limit {max_actions}", sender)
+    short = n <= SMALL_ROW
     try:
-        if n <= SMALL_ROW:
-            pack = _PACKERS.get(n)
-            if pack is None:
-                pack = _PACKERS[n] = struct.Struct(f"<{n}f").pack
-            packed = pack(*raw)
-        else:
-            packed = struct.pack(f"<{n}f", *raw)  # (struct keeps the last 100 formats)
+        # (a long row's format is cached by struct itself, the last 100 of them)
+        packed = (_PACKERS.get(n) or _packer(n))(*raw) if short else \
+            struct.pack(f"<{n}f", *raw)
     except (struct.error, OverflowError):
-        if n <= SMALL_ROW:
-            return _row_by_array(raw, sender, n)
-        return _convert_rows(raw, sender, max_actions, 1)
+        return (_row_by_array(raw, sender, n) if short
+                else _convert_rows(raw, sender, max_actions, 1))
     arr = np.ndarray((1, n), _LE_F32, packed)  # a view of the bytes, read-only
     # (find, not `in`: bytes' `in` first tries its operand as an int, and formats an error)
     if (((packed.find(_ZERO_F32) >= 0 or packed.find(_ONE_F32) >= 0)
-         and bool in map(type, raw))
-            if n <= SMALL_ROW else _bool_among(raw, arr)):
+         and bool in map(type, raw)) if short else _bool_among(raw, arr)):
         raise DecodeError("bad_logits", "LOGITS must hold numbers, not true or false", sender)
     return arr
+
+
+def _packer(n: int) -> Any:
+    """The pack of n little-endian float32s, kept for the next row of n (n <= SMALL_ROW)."""
+    pack = _PACKERS[n] = struct.Struct(f"<{n}f").pack
+    return pack
 
 
 def _row_by_array(raw: list[Any], sender: str, n: int) -> np.ndarray:
@@ -283,16 +291,6 @@ def _row_by_array(raw: list[Any], sender: str, n: int) -> np.ndarray:
     return arr
 
 
-def _array_of(raw: Any, sender: str, max_actions: int, max_batch: int) -> np.ndarray:
-    if raw.__class__ is np.ndarray:   # binary frames: float32 already (decode_binary)
-        return _checked(raw, sender, max_actions, max_batch, from_json=False)
-    if raw.__class__ is not list or not raw:
-        raise DecodeError("bad_logits", "LOGITS must be a non-empty list", sender)
-    if raw[0].__class__ is not list:
-        return _row(raw, sender, max_actions)
-    return _convert_rows(raw, sender, max_actions, max_batch)
-
-
 def _bad_key(key_fields: Sequence[str], key: tuple[Any, ...], sender: str) -> None:
     for f, v in zip(key_fields, key):
         # exact classes: bool (a subclass of int) and floats are no step key
@@ -311,11 +309,13 @@ def parse_logits(obj: dict[str, Any], key_fields: Sequence[str],
     model = cid if cid.__class__ is str and cid else _model_of(cid)
     sender = model[:64]
     if raw.__class__ is list and raw and raw[0].__class__ is not list:
-        arr = _row(raw, sender, max_actions)  # the common case, without a detour
-    elif raw.__class__ is np.ndarray:  # binary frames: float32 already (decode_binary)
+        arr = _row(raw, sender, max_actions)  # the common case, one row
+    elif raw.__class__ is np.ndarray:  # binary logits: float32 already (_with_values)
         arr = _checked(raw, sender, max_actions, max_batch, from_json=False)
+    elif raw.__class__ is not list or not raw:
+        raise DecodeError("bad_logits", "LOGITS must be a non-empty list", sender)
     else:
-        arr = _array_of(raw, sender, max_actions, max_batch)
+        arr = _convert_rows(raw, sender, max_actions, max_batch)  # a batch: rows of rows
     det = obj.get("DETERMINISTIC")
     if det is not None and det.__class__ is not bool:
         raise DecodeError("bad_deterministic", f"DETERMINISTIC of type {type(det).__name__}",
