@@ -309,9 +309,9 @@ def traced_parts(stamps: Sequence[tuple[int, int, int]],
       message (the wire, and the worker's reading);
     - worker: from there to the action handed to the socket (decoding, windows,
       aggregation, encoding);
-    - out: from the end of that hand-over to the action in the driver's hands (the wire
-      back; a worker thread that loses its core right after sending can make one
-      negative);
+    - out: from there to the action in the driver's hands (the hand-over and the wire
+      back; measured from the start of the hand-over, since a worker thread that loses
+      its core right after sending notes its end after the driver already has the action);
     - late: how many of the window's messages the worker read only after the last
       publish, when nothing is left to overlap their decoding with.
     """
@@ -328,7 +328,7 @@ def traced_parts(stamps: Sequence[tuple[int, int, int]],
         last, send = window[-1], sends[k]
         parts["in_us"].append((last[2] - t0) / 1e3)
         parts["worker_us"].append((send[1] - last[2]) / 1e3)
-        parts["out_us"].append((t1 - send[2]) / 1e3)
+        parts["out_us"].append((t1 - send[1]) / 1e3)
         parts["late"].append(sum(n[3] for n in window if n[2] > t0))
     out: dict[str, Any] = {"windows": len(parts["late"]), "of": len(stamps)}
     out.update({k: statistics.median(v) if v else None for k, v in parts.items()})
