@@ -95,3 +95,30 @@ def test_the_installed_command_works_outside_the_source_tree(tmp_path):
                        capture_output=True, text=True, timeout=100, check=False)
     assert r.returncode == 0, r.stderr
     assert "50 steps in" in r.stdout
+
+
+def test_readyz_answers_only_after_the_start_up_line():
+    # A probe, a script or the README's recipe waits on /readyz and then reads the log: the
+    # start-up line must already be there (CI once found /readyz up and the log empty).
+    import urllib.error
+    import urllib.request
+
+    from tests.procs import free_port, output, process, wait_for, worker_env
+
+    sub, pub, mport = free_port(), free_port(), free_port()
+    env = worker_env(transport__kind="zmq", transport__zmq__sub=f"tcp://127.0.0.1:{sub}",
+                     transport__zmq__pub=f"tcp://127.0.0.1:{pub}", metrics__port=mport,
+                     window__models=2)
+
+    def ready() -> bool:
+        try:
+            return urllib.request.urlopen(f"http://127.0.0.1:{mport}/readyz",
+                                          timeout=5).status == 200
+        except (urllib.error.URLError, ConnectionError):
+            return False
+
+    with process(cli("run"), env=env) as proc:
+        wait_for(lambda: ready() or proc.poll() is not None, timeout=60, step=0.001,
+                 what="/readyz")
+        assert proc.poll() is None, output(proc)
+        assert f"sub=tcp://127.0.0.1:{sub} (bind)" in output(proc)

@@ -64,9 +64,12 @@ async def serve(cfg: Config) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     server = None
+    # /readyz answers 200 only once the start-up line is out: whoever waits on it (a probe,
+    # a script, a test) then finds the line in the log, not on the far side of a race.
+    announced = threading.Event()
     if cfg.metrics.port:
         server = MetricsServer(metrics, cfg.metrics.host, cfg.metrics.port,
-                               lambda: bool(transport.ready)).start()
+                               lambda: announced.is_set() and bool(transport.ready)).start()
     started = asyncio.Event()
 
     async def announce() -> None:
@@ -74,6 +77,7 @@ async def serve(cfg: Config) -> int:
         await started.wait()
         log.info("swarm-aggregator %s: %s metrics=%s", __version__, cfg.describe(),
                  f"http://{cfg.metrics.host}:{server.port}/metrics" if server else "off")
+        announced.set()
 
     announcing = asyncio.create_task(announce())
     try:
