@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import struct
-import sys
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -87,24 +86,14 @@ def _convert_rows(raw: list[Any], sender: str, max_actions: int, max_batch: int)
 
 
 # '<f4' values are this machine's own floats (a memoryview of them reads them as they are)
-_NATIVE_F32 = sys.byteorder == "little"
-SHORT_FINITE = 64  # up to this many values, _all_finite sums them in Python
-
-
 def _all_finite(arr: np.ndarray) -> bool:
     """No NaN and no infinity in a float32 array.
 
-    A short one is summed as Python floats: doubles, which no float32 values can overflow,
-    so the sum is finite exactly when every value is (a NaN or an infinity makes it NaN or
-    infinite). One pass in C over a memoryview costs half of numpy's two calls.
+    numpy's isfinite, then a search of its result's bytes for a 0 (false): `.all()` on the
+    result costs twice the search (a reduction's set-up), and from a few values up both
+    cost less than anything in Python (a sum of a memoryview of the values was).
     """
-    if arr.size <= SHORT_FINITE and _NATIVE_F32:
-        try:
-            values = arr.data.cast("B").cast("f")
-            return math.isfinite(sum(values, 0.0))
-        except TypeError:  # not C-contiguous: numpy below
-            pass
-    return bool(np.isfinite(arr).all())
+    return np.isfinite(arr).tobytes().find(b"\x00") < 0
 
 
 def _checked(arr: np.ndarray, sender: str, max_actions: int, max_batch: int,

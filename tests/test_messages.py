@@ -129,11 +129,18 @@ def test_finite_numbers_beyond_float32_saturate(n, batched):
     assert got.logits[0, 0] == 0.5
 
 
-def test_binary_nan_and_infinity_are_non_finite():
+@pytest.mark.parametrize("shape,at", [((2,), -1), ((1000,), 999), ((1000,), 0),
+                                      ((3, 400), (2, 399)), ((3, 400), (1, 0))])
+def test_binary_nan_and_infinity_are_non_finite(shape, at):
+    values = np.ones(shape, np.float32)
+    meta, body = encode_binary({"COMPONENT_ID": "a"}, values)
+    assert parse_logits(decode_binary(meta, body, 10**6), (), 1000, 100).logits.size == \
+        values.size
     for bad in (np.nan, np.inf, -np.inf):
-        meta, values = encode_binary({"COMPONENT_ID": "a"}, [1.0, bad])
+        values[at] = bad
+        meta, body = encode_binary({"COMPONENT_ID": "a"}, values)
         with pytest.raises(DecodeError) as e:
-            parse_logits(decode_binary(meta, values, 1000), (), 100, 100)
+            parse_logits(decode_binary(meta, body, 10**6), (), 1000, 100)
         assert e.value.reason == "non_finite"
 
 
