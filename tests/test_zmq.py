@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import signal
-import time
 import urllib.error
 import urllib.request
 
@@ -13,7 +12,7 @@ import pytest
 
 from processor.client import Swarm
 from processor.messages import encode_binary, pack
-from tests.procs import cli, free_port, output, process, worker_env, zmq_swarm
+from tests.procs import cli, free_port, metric, output, process, wait_for, worker_env, zmq_swarm
 from tests.reference import sum_probs
 
 pytestmark = pytest.mark.timeout(90)
@@ -151,10 +150,11 @@ def test_binary_logits_frames():
                 assert out["STEP"] == step
                 assert out["ACTION"] == sum_probs(stack)[1].tolist()
             peer.publish("logits", [b"{}", b"", b"four"])
-            time.sleep(0.3)
+            wait_for(lambda: metric(mport, "swarm_aggregator_messages_rejected_total",
+                                    reason="bad_frame") >= 1, timeout=30,
+                     what="the bad frame counted")
         finally:
             peer.close()
-        from tests.procs import metric
         rejected = {r: metric(mport, "swarm_aggregator_messages_rejected_total", reason=r)
                     for r in ("bad_logits", "non_finite", "bad_frame")}
     assert rejected["bad_logits"] == 24 and rejected["non_finite"] == 16
