@@ -600,5 +600,7 @@ async def test_reconnect_backoff_grows_while_connections_die_young_and_resets_af
     gaps = np.diff(srv.accepted)
     for i, floor in enumerate((0.05, 0.1, 0.2, 0.4, 0.8)):
         assert gaps[i] >= floor * 0.9, (i, gaps.tolist())
-    # After the healthy connection: the minimum delay again, not 1.0 s (the cap).
-    assert gaps[5] < 0.1 + 0.5, gaps.tolist()
+    # After the healthy connection: the minimum delay again (0.05 s, plus the 0.1 s the
+    # connection lived), not the 1.0 s (reconnect_max_s here) that the next doubling would
+    # reach; the line sits there, so that a loaded machine's slowness cannot cross it.
+    assert gaps[5] < 1.0, gaps.tolist()
