@@ -292,10 +292,10 @@ async def bench_nats(args: argparse.Namespace, bodies: Bodies, folder: Path,
                      workers: int, root: Path = ROOT, case: str = "nats") -> Result:
     PIDS.clear()
     name = f"{case}-{workers}"
-    keys: dict[str, Any] = ({"transport__nats__storage": args.storage}
-                            if args.storage != "file" else {})
+    # The streams' settings other than the defaults, the same for the workers and the peers
+    streams: dict[str, Any] = {"storage": args.storage} if args.storage != "file" else {}
     if args.replicas > 1:
-        keys["transport__nats__replicas"] = args.replicas
+        streams["replicas"] = args.replicas
     with ExitStack() as stack:
         urls = (stack.enter_context(nats_cluster(folder / name, args.replicas))
                 if args.replicas > 1 else [stack.enter_context(nats_server(folder / name))])
@@ -304,16 +304,15 @@ async def bench_nats(args: argparse.Namespace, bodies: Bodies, folder: Path,
                              transport__nats__servers=urls,
                              transport__nats__partitions=args.partitions,
                              transport__nats__workers=workers, transport__nats__index=k,
-                             transport__nats__worker_id=f"w{k}", **keys)
+                             transport__nats__worker_id=f"w{k}",
+                             **{f"transport__nats__{key}": v for key, v in streams.items()})
             profile = (args.profile / f"{name}-worker{k}.prof"
                        if args.profile is not None else None)
             proc = stack.enter_context(worker(env, folder / f"{name}-worker{k}.log", root,
                                               profile))
             PIDS.setdefault("worker", []).append(proc.pid)
-        cfg = peer_config({"kind": "nats", "nats": {
-            "servers": urls, "partitions": args.partitions, **(
-                {"storage": args.storage} if args.storage != "file" else {}), **(
-                {"replicas": args.replicas} if args.replicas > 1 else {})}})
+        cfg = peer_config({"kind": "nats", "nats": {"servers": urls,
+                                                    "partitions": args.partitions, **streams}})
         driver = Driver(cfg, args.models)
         try:
             await driver.start()
