@@ -98,7 +98,9 @@ def test_two_hundred_thousand_ids_leave_the_worker_serving_with_bounded_state():
                 assert w.error is None and w._thread.is_alive()
                 if sent % 20_000 == 0:
                     rss.append(rss_mb(os.getpid()))
-                # bounded state, whatever came before
+                # bounded state, whatever came before, read once the worker is done with
+                # the step: its books follow the action (a PEEK is answered after them)
+                peer.evolution().peek(timeout=60)
                 wk, led, met = w.worker, w.worker.ledger, w.metrics
                 assert len(wk.known) <= 2
                 assert len(led.names) <= MAX_MODELS and len(led.missed) <= MAX_MODELS
